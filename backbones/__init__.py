@@ -1,0 +1,64 @@
+"""Backbones, data sets and cached feature extraction for lambda-compat.
+
+    import backbones
+    backbones.list_backbones("tf_*"); backbones.list_datasets()
+    bb = backbones.load("tf_efficientnet_lite0")          # .model .transform .dim .weights_id
+    f = backbones.extract("tf_efficientnet_lite0", "mnist", "test")   # f.x, f.y, f.meta
+
+Registries are data (`_registry.py`, entries in `_zoo.py` and `_datasets.py`);
+the modules behind them are private.
+"""
+from . import _datasets as _datasets  # registers the data sets
+from . import _zoo as _zoo  # registers the backbones
+from ._cache import CacheWarning, cache_root
+from ._datasets import ImageSet, data_root, load_dataset
+from ._extract import EXTRACTOR_VERSION, Features, extract, extraction_count
+from ._models import Backbone, load, load_classifier, weights_id
+from ._registry import (
+    BackboneCfg,
+    DatasetCfg,
+    TrainCfg,
+    UnknownNameError,
+    backbone_cfg,
+    dataset_cfg,
+    list_backbones,
+    list_datasets,
+    register_backbone,
+    register_dataset,
+)
+from ._train import CheckpointError, load_checkpoint, save_checkpoint, train, train_digest
+from ._weights import WeightMappingError, map_state_dict, state_dict_digest
+
+__all__ = [
+    "EXTRACTOR_VERSION",
+    "Backbone",
+    "BackboneCfg",
+    "CacheWarning",
+    "CheckpointError",
+    "DatasetCfg",
+    "Features",
+    "ImageSet",
+    "TrainCfg",
+    "UnknownNameError",
+    "WeightMappingError",
+    "backbone_cfg",
+    "cache_root",
+    "data_root",
+    "dataset_cfg",
+    "extract",
+    "extraction_count",
+    "list_backbones",
+    "list_datasets",
+    "load",
+    "load_checkpoint",
+    "load_classifier",
+    "load_dataset",
+    "map_state_dict",
+    "register_backbone",
+    "register_dataset",
+    "save_checkpoint",
+    "state_dict_digest",
+    "train",
+    "train_digest",
+    "weights_id",
+]

@@ -1,0 +1,147 @@
+"""The metric keys of a trial: the one documented place for their names.
+
+These strings become MLflow metric keys and report columns, so they are stable.
+All retrieval values are percentages in [0, 100]; all are floats; a value that
+is not defined for a method is NaN (never missing), so every trial of a study
+has the same columns.
+
+Retrieval rows (query side / gallery side, the paper's vocabulary), each as
+`<row>/top1`, `<row>/top5` (one key per k of `TrialConfig.topk`) and `<row>/mAP`,
+computed leave-one-out on the evaluation split (the same images are queries
+and gallery; a query never retrieves its own image, even across models):
+
+    old/old   h_old vs h_old                       (always defined)
+    new/new   h_new vs h_new                       (always defined)
+    new/old   h_new vs h_old, no adapter           NaN when d != n
+    F/old     F(h_old) vs h_old                    NaN without F ("independent")
+    F/F       F(h_old) vs F(h_old)                 NaN without F
+    B/F       B(h_new) vs F(h_old)                 NaN without B or F
+    B/old     B(h_new) vs h_old                    NaN without B
+    B/B       B(h_new) vs B(h_new)                 NaN without B
+
+Whenever a new-side (n-dim) vector meets an old feature (d-dim) and d != n, both
+are truncated to their first min(d, n) coordinates (the paper's rule). For
+"fct", B is the identity, so B rows are the new features as they are (B/B =
+new/new, B/old = new/old, B/F = new queries against the F-mapped old gallery).
+
+Other final keys:
+
+    ecc/new/old, ecc/B/old          1.0 when <row>/top1 > old/old/top1 (strict >), else 0.0; NaN if row NaN
+    ecc_margin/new/old, .../B/old   <row>/top1 - old/old/top1 (percentage points)
+    gain/B/B                        B/B/top1 - new/new/top1
+    orth/B                          ||W^T W - I||_F of the trained B (0 for orthogonal and for fct's identity)
+    zs/<set>                        top1(B(new)/B(new)) - top1(new/new) on zero-shot set <set>
+    zs/<set>/new_top1, zs/<set>/B_top1   the two top-1 values behind it
+    zs/mean                         mean of zs/<set> over the sets (NaN without sets or without B)
+    backfill/auc_paper              area under M(beta), beta in [0, 1], gallery backfilled in the paper's
+                                    order (largest distance of F(h_old) to its class mean first)
+    backfill/auc_random             the same in a random order (FCT's)
+    loss/total, loss/forward, loss/backward, loss/contrastive, loss/reg
+                                    means over the last epoch's samples (NaN for "independent");
+                                    forward = L_F (for fct: MSE of F(h_old) to h_new), backward = L_B,
+                                    contrastive = L_C, reg = the regularizer before its weight
+    time/train_s, time/eval_s       wall-clock seconds
+    epoch                           number of epochs trained (0 for "independent")
+
+Per-epoch keys (what `on_epoch(epoch, metrics)` receives, what Ray Tune sees):
+`epoch`, the five `loss/*` keys (means over that epoch) and the cheap eval
+keys `B/old/top1`, `B/B/top1`, `B/F/top1`, recomputed every `eval_every`
+epochs (and at the first and last epoch) and carried forward in between so
+that every report has them; `eval_epoch` says when they were computed.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+ROWS: tuple[str, ...] = ("old/old", "new/new", "new/old", "F/old", "F/F", "B/F", "B/old", "B/B")
+"""Retrieval rows, named query/gallery."""
+
+DEFAULT_TOPK: tuple[int, ...] = (1, 5)
+
+ECC_ROWS: tuple[str, ...] = ("new/old", "B/old")
+"""Rows checked against old/old by the empirical compatibility criterion."""
+
+LOSS_KEYS: tuple[str, ...] = ("loss/total", "loss/forward", "loss/backward", "loss/contrastive", "loss/reg")
+TIME_KEYS: tuple[str, ...] = ("time/train_s", "time/eval_s")
+EPOCH = "epoch"
+EVAL_EPOCH = "eval_epoch"
+ORTH = "orth/B"
+GAIN = "gain/B/B"
+ZS_MEAN = "zs/mean"
+BACKFILL_AUC_PAPER = "backfill/auc_paper"
+BACKFILL_AUC_RANDOM = "backfill/auc_random"
+BACKFILL_KEYS: tuple[str, ...] = (BACKFILL_AUC_PAPER, BACKFILL_AUC_RANDOM)
+
+CHEAP_EVAL_ROWS: tuple[str, ...] = ("B/old", "B/B", "B/F")
+CHEAP_EVAL_KEYS: tuple[str, ...] = tuple(f"{r}/top1" for r in CHEAP_EVAL_ROWS)
+EPOCH_KEYS: tuple[str, ...] = (EPOCH, *LOSS_KEYS, *CHEAP_EVAL_KEYS, EVAL_EPOCH)
+"""Keys of every `on_epoch` report."""
+
+# curves (TrialResult.curves): lists of floats
+CURVE_BETA = "backfill/beta"
+CURVE_PAPER = "backfill/paper"
+CURVE_RANDOM = "backfill/random"
+
+
+def stat_names(topk: Sequence[int] = DEFAULT_TOPK) -> tuple[str, ...]:
+    """Per-row statistics: top<k> for each k, then mAP."""
+    return (*(f"top{k}" for k in topk), "mAP")
+
+
+def row_key(row: str, stat: str) -> str:
+    """`row_key("B/old", "top1") == "B/old/top1"`."""
+    if row not in ROWS:
+        raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+    return f"{row}/{stat}"
+
+
+def row_keys(topk: Sequence[int] = DEFAULT_TOPK) -> list[str]:
+    """Every `<row>/<stat>` key, rows in ROWS order."""
+    return [row_key(r, s) for r in ROWS for s in stat_names(topk)]
+
+
+def ecc_key(row: str) -> str:
+    return f"ecc/{row}"
+
+
+def ecc_margin_key(row: str) -> str:
+    return f"ecc_margin/{row}"
+
+
+def check_zero_shot_name(name: str) -> str:
+    """A zero-shot set name must be a non-empty key fragment without '/' and not 'mean'."""
+    if not isinstance(name, str) or not name or "/" in name or name == "mean":
+        raise ValueError(
+            f"zero-shot set name {name!r} is not allowed: use a non-empty name without '/' other than 'mean'"
+        )
+    return name
+
+
+def zs_keys(names: Iterable[str]) -> list[str]:
+    """Zero-shot keys for the given set names, then `zs/mean`."""
+    out: list[str] = []
+    for name in names:
+        check_zero_shot_name(name)
+        out += [f"zs/{name}", f"zs/{name}/new_top1", f"zs/{name}/B_top1"]
+    return out + [ZS_MEAN]
+
+
+def final_keys(zero_shot: Iterable[str] = (), topk: Sequence[int] = DEFAULT_TOPK) -> list[str]:
+    """Every key of `TrialResult.metrics` for these zero-shot set names."""
+    return [
+        *row_keys(topk),
+        *(ecc_key(r) for r in ECC_ROWS),
+        *(ecc_margin_key(r) for r in ECC_ROWS),
+        GAIN,
+        ORTH,
+        *zs_keys(zero_shot),
+        *BACKFILL_KEYS,
+        *LOSS_KEYS,
+        *TIME_KEYS,
+        EPOCH,
+    ]
+
+
+ROW_KEYS: tuple[str, ...] = tuple(row_keys())
+FINAL_KEYS: tuple[str, ...] = tuple(final_keys())
+"""Final keys with the default topk and no zero-shot set (`final_keys(names)` adds `zs/<name>/...`)."""

@@ -1,0 +1,526 @@
+"""Retrieval metrics for compatibility studies: exact CMC top-k and mAP, partial
+backfilling curves, ECC and the compatibility matrix (AC, AM).
+
+Pure NumPy (no Ray, no MLflow, no torch needed). All retrieval values are
+percentages in [0, 100].
+
+Conventions (the contract of every function here)
+-------------------------------------------------
+Scores.
+    ``distance="cosine"``: both sides are L2-normalised in float32,
+    ``x / np.linalg.norm(x, axis=1, keepdims=True)`` (a zero vector stays zero,
+    so it scores 0 against everything), and the score is the float32 dot
+    product. ``distance="l2"``: the score is the negated squared
+    Euclidean distance, ``-(||q||^2 - 2 q.g + ||g||^2)``, computed in float32
+    as ``2 (q.g) - ||q||^2 - ||g||^2``. Higher score = closer. The similarity
+    block for a chunk of queries is one float32 matmul (BLAS); the fast path
+    (:func:`retrieval`) and the reference (:func:`retrieval_brute_force`) get
+    their scores from the same helper, so two items that tie in one tie in the
+    other and both rank exactly the same numbers. (A per-query matrix-vector
+    product, as public code does it, can differ from a matrix-matrix product
+    in the last bit; that can move near-ties, not the method's exactness.)
+
+Ranking and ties.
+    The ranking of query i is the gallery sorted by descending score, with
+    equal scores ordered by gallery index (lower index first): a stable sort
+    of ``-score``. Equivalently, the rank (1-based) of gallery item j is
+    ``1 + #{k: s_k > s_j} + #{k < j: s_k == s_j}``. This is the only tie rule;
+    it makes every metric a deterministic function of the inputs.
+
+Leave-one-out.
+    ``leave_one_out=True`` means query i and gallery item i are the same image
+    (possibly embedded by different models, e.g. B(h_new) queries against an
+    old gallery): the two sets must have the same length and the same labels,
+    and gallery item i is removed from query i's ranking. Nothing else is
+    removed (a duplicate of the query is still a hit).
+
+Positives, CMC and AP.
+    A gallery item is a positive of a query when their labels are equal. CMC
+    top-k = share of queries whose first positive has rank <= k. AP over the
+    full ranking = mean over the query's P positives of (k / rank of its k-th
+    positive), the textbook definition. mAP = mean AP over queries.
+
+Queries without a positive in the gallery (after leave-one-out) are skipped:
+    they count in neither CMC nor mAP (the usual re-identification protocol;
+    counting them as 0 would make the score depend on how many singleton
+    classes a split happens to have). If no query has a positive,
+    :func:`retrieval` raises ``ValueError``.
+
+How the fast path stays exact without sorting indices
+-----------------------------------------------------
+For AP only the ranks of the positives matter. Per chunk of queries we compute
+the score block (one matmul), gather the positives' scores, sort each row's
+scores (values only: NumPy's SIMD sort, several times cheaper than an argsort)
+and read ``#{k: s_k > s_p}`` for every positive p with a binary search. A tie
+(another item with exactly the positive's score) is detected from the sorted
+row; only the rows that have one take an exact correction that counts the
+equal-scoring items with a lower index. Row blocks are post-processed in
+threads (NumPy's sort releases the GIL). Peak extra memory is about two score
+blocks, ``2 * chunk_size * len(gallery) * 4`` bytes, plus the normalised
+copies of the inputs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "DISTANCES",
+    "retrieval",
+    "retrieval_brute_force",
+    "backfill_order",
+    "backfill_curve",
+    "curve_area",
+    "ecc",
+    "ecc_margin",
+    "ac_am",
+    "compatibility_matrix",
+]
+
+DISTANCES = ("cosine", "l2")
+BACKFILL_ORDERS = ("paper", "random")
+
+# Default block budget: chunk_size * len(gallery) float32 scores per block
+# (32 MiB). The fast path holds two blocks (scores + their sorted copy).
+_BLOCK_ELEMS = 1 << 23
+
+
+# --------------------------------------------------------------------------
+# Input checks and the shared similarity computation
+# --------------------------------------------------------------------------
+
+def _check_distance(distance: str) -> str:
+    if distance not in DISTANCES:
+        raise ValueError(f"`distance` must be one of {DISTANCES}, got {distance!r}")
+    return distance
+
+
+def _as_features(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 2:
+        raise ValueError(f"`{name}` must be a 2-D array [N, D], got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+        raise ValueError(f"`{name}` must be real-valued, got dtype {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values")
+    return a
+
+
+def _as_labels(y, n: int, name: str) -> np.ndarray:
+    a = np.asarray(y)
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"`{name}` must be 1-D with {n} entries, got shape {a.shape}")
+    return a
+
+
+def _check_topk(topk) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in topk)
+    if any(k < 1 for k in ks):
+        raise ValueError(f"`topk` entries must be >= 1, got {tuple(topk)}")
+    return ks
+
+
+def _validate(query, gallery, query_labels, gallery_labels, leave_one_out, distance, topk):
+    _check_distance(distance)
+    same = query is gallery
+    q = _as_features(query, "query")
+    g = q if same else _as_features(gallery, "gallery")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"`query` and `gallery` dimensions differ: {q.shape[1]} != {g.shape[1]}")
+    ql = _as_labels(query_labels, q.shape[0], "query_labels")
+    gl = _as_labels(gallery_labels, g.shape[0], "gallery_labels")
+    if leave_one_out:
+        if q.shape[0] != g.shape[0]:
+            raise ValueError(
+                "`leave_one_out=True` needs query i and gallery i to be the same item: "
+                f"got {q.shape[0]} queries and {g.shape[0]} gallery items")
+        if not np.array_equal(ql, gl):
+            raise ValueError("`leave_one_out=True` needs `query_labels` == `gallery_labels`")
+    return q, g, same, ql, gl, _check_topk(topk)
+
+
+def _prepare(x: np.ndarray, distance: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 features as scored: normalised rows (cosine) or rows + squared norms (l2)."""
+    if distance == "cosine":
+        # The common spelling, so that code normalising "the usual way" gets
+        # bit-identical scores from the same matmul.
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.maximum(norms, np.finfo(np.float32).tiny), None
+    return x, np.einsum("ij,ij->i", x, x)
+
+
+def _default_chunk(n_query: int, n_gallery: int) -> int:
+    return max(1, min(n_query, _BLOCK_ELEMS // max(1, n_gallery)))
+
+
+def _score_blocks(query: np.ndarray, gallery: np.ndarray, same: bool, distance: str,
+                  chunk_size: int | None):
+    """Yield ``(q0, scores)`` float32 blocks [rows, len(gallery)], shared by every path.
+
+    The block of rows q0:q0+b is one float32 matmul; for "l2" it becomes
+    ``2 q.g - ||q||^2 - ||g||^2`` (higher is closer) in place.
+    """
+    q, qsq = _prepare(query, distance)
+    if same:
+        g, gsq = q, qsq
+    else:
+        g, gsq = _prepare(gallery, distance)
+    n = q.shape[0]
+    b = _default_chunk(n, g.shape[0]) if chunk_size is None else int(chunk_size)
+    if b < 1:
+        raise ValueError(f"`chunk_size` must be >= 1 or None, got {chunk_size!r}")
+    gt = g.T
+    for q0 in range(0, n, b):
+        s = q[q0:q0 + b] @ gt
+        if distance == "l2":
+            s *= 2.0
+            s -= qsq[q0:q0 + b, None]
+            s -= gsq[None, :]
+        yield q0, s
+
+
+def _summarise(first_rank: np.ndarray, ap: np.ndarray, has_pos: np.ndarray,
+               ks: tuple[int, ...]) -> dict[str, float]:
+    if not has_pos.any():
+        raise ValueError("no query has a positive in the gallery (check the labels, and "
+                         "that leave-one-out does not remove every match)")
+    fr = first_rank[has_pos]
+    out = {f"top{k}": float(100.0 * np.mean(fr <= k)) for k in ks}
+    out["mAP"] = float(100.0 * np.mean(ap[has_pos]))
+    return out
+
+
+# --------------------------------------------------------------------------
+# Reference: per-query stable argsort + textbook AP
+# --------------------------------------------------------------------------
+
+def retrieval_brute_force(query, gallery, query_labels, gallery_labels, *,
+                          leave_one_out: bool, distance: str = "cosine",
+                          topk: Sequence[int] = (1, 5),
+                          chunk_size: int | None = None) -> dict[str, float]:
+    """Reference implementation of :func:`retrieval`, for tests and benchmarks.
+
+    Per query: the score row (from the same blocks as the fast path), gallery
+    item i dropped when leave-one-out, ``argsort(-scores, kind="stable")``,
+    then CMC and AP read off the full ranking. Same conventions and output as
+    :func:`retrieval`; O(N log N) per query.
+    """
+    q, g, same, ql, gl, ks = _validate(query, gallery, query_labels, gallery_labels,
+                                       leave_one_out, distance, topk)
+    n = q.shape[0]
+    first = np.zeros(n, dtype=np.int64)
+    ap = np.zeros(n, dtype=np.float64)
+    has_pos = np.zeros(n, dtype=bool)
+    for q0, block in _score_blocks(q, g, same, distance, chunk_size):
+        for r in range(block.shape[0]):
+            i = q0 + r
+            s = block[r]
+            rel = gl == ql[i]
+            if leave_one_out:
+                s = np.delete(s, i)
+                rel = np.delete(rel, i)
+            order = np.argsort(-s, kind="stable")
+            hits = np.flatnonzero(rel[order])
+            if hits.size == 0:
+                continue
+            has_pos[i] = True
+            first[i] = hits[0] + 1
+            ap[i] = np.mean(np.arange(1, hits.size + 1) / (hits + 1.0))
+    return _summarise(first, ap, has_pos, ks)
+
+
+# --------------------------------------------------------------------------
+# Fast exact path
+# --------------------------------------------------------------------------
+
+def _default_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+class _Positives:
+    """Gallery indices of each label, as a padded table (one row per label)."""
+
+    def __init__(self, gallery_labels: np.ndarray):
+        order = np.argsort(gallery_labels, kind="stable")  # ascending index within a label
+        self.labels, starts, counts = np.unique(gallery_labels[order], return_index=True,
+                                                return_counts=True)
+        self.width = int(counts.max()) if counts.size else 0
+        width = max(self.width, 1)
+        ar = np.arange(width)
+        self.valid = ar[None, :] < counts[:, None]
+        self.index = order[np.minimum(starts[:, None] + ar[None, :], max(order.size - 1, 0))]
+
+    def for_queries(self, labels: np.ndarray):
+        """(index [b, width], valid [b, width]) of the positives of each query label."""
+        k = np.searchsorted(self.labels, labels)
+        k = np.minimum(k, max(self.labels.size - 1, 0))
+        known = (self.labels[k] == labels) if self.labels.size else np.zeros(labels.shape, bool)
+        return self.index[k], self.valid[k] & known[:, None]
+
+
+def _eq_before(s: np.ndarray, pidx: np.ndarray, pval: np.ndarray) -> np.ndarray:
+    """For positives at gallery indices ``pidx`` with scores ``pval`` in row ``s``:
+    how many items with a lower index have exactly the same score."""
+    idx = np.flatnonzero(np.isin(s, np.unique(pval)))   # ascending gallery index
+    vals = s[idx]
+    order = np.argsort(vals, kind="stable")             # equal values keep index order
+    inv = np.empty_like(order)
+    inv[order] = np.arange(order.size)
+    start = np.searchsorted(vals[order], pval, side="left")
+    return inv[np.searchsorted(idx, pidx)] - start
+
+
+_NO_RANK = np.iinfo(np.int64).max
+
+
+def _positive_ranks(s: np.ndarray, pidx: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Ranks (1-based, tie rule of the module) of each row's positives, sorted ascending;
+    padding entries are ``_NO_RANK``. ``s`` is a score block whose excluded items are
+    already ``-inf``."""
+    n = s.shape[1]
+    pval = np.where(valid, np.take_along_axis(s, pidx, axis=1), -np.inf)
+    # Ascending needles make each row's binary searches cheaper (NumPy reuses the
+    # previous position as a lower bound).
+    o = np.argsort(pval, axis=1)
+    pval = np.take_along_axis(pval, o, axis=1)
+    pidx = np.take_along_axis(pidx, o, axis=1)
+    valid = np.take_along_axis(valid, o, axis=1)
+    srt = np.sort(s, axis=1)
+    right = np.empty(pval.shape, dtype=np.int64)   # #{k: s_k <= s_p}
+    for r in range(s.shape[0]):
+        right[r] = np.searchsorted(srt[r], pval[r], side="right")
+    ranks = n - right + 1                          # 1 + #{k: s_k > s_p}
+    # The positive itself is at srt[r, right-1]; another equal score sits just before it.
+    prev = np.take_along_axis(srt, np.maximum(right - 2, 0), axis=1)
+    tied = valid & (right >= 2) & (prev == pval)
+    for r in np.flatnonzero(tied.any(axis=1)):
+        t = tied[r]
+        ranks[r, t] += _eq_before(s[r], pidx[r, t], pval[r, t])
+    ranks[~valid] = _NO_RANK
+    ranks.sort(axis=1)
+    return ranks
+
+
+def retrieval(query, gallery, query_labels, gallery_labels, *, leave_one_out: bool,
+              distance: str = "cosine", topk: Sequence[int] = (1, 5),
+              chunk_size: int | None = None, num_threads: int | None = None) -> dict[str, float]:
+    """Exact CMC top-k and full-ranking mAP, in percent.
+
+    Args:
+        query, gallery: float arrays [Nq, D] and [Ng, D] (anything ``np.asarray``
+            accepts; computed in float32). Pass the same object twice for a
+            set against itself (it is then normalised once).
+        query_labels, gallery_labels: 1-D label arrays (any comparable dtype).
+        leave_one_out: query i and gallery item i are the same image; drop item
+            i from query i's ranking (needs equal lengths and labels).
+        distance: "cosine" or "l2" (see the module docstring for the scores).
+        topk: the k of the CMC keys ``"top{k}"``.
+        chunk_size: queries per similarity block; default keeps a block near
+            32 MiB. Results do not depend on it (up to BLAS rounding of the
+            matmul, which is the same for every chunk of two or more rows).
+        num_threads: threads for the per-block ranking (default: usable CPUs,
+            at most 8). Results do not depend on it.
+
+    Returns:
+        ``{"top1": ..., "top5": ..., "mAP": ...}`` (one ``top{k}`` per k), floats
+        in [0, 100]. Ties follow the module's rule (lower gallery index first);
+        queries without a positive are skipped. Raises ``ValueError`` when no
+        query has a positive.
+    """
+    q, g, same, ql, gl, ks = _validate(query, gallery, query_labels, gallery_labels,
+                                       leave_one_out, distance, topk)
+    n = q.shape[0]
+    pos = _Positives(gl)
+    first = np.zeros(n, dtype=np.int64)
+    ap = np.zeros(n, dtype=np.float64)
+    npos_all = np.zeros(n, dtype=np.int64)
+    threads = _default_threads() if num_threads is None else max(1, int(num_threads))
+
+    def work(q0: int, block: np.ndarray, a: int, b: int) -> None:
+        rows = np.arange(q0 + a, q0 + b)
+        pidx, valid = pos.for_queries(ql[rows])
+        if leave_one_out:
+            valid = valid & (pidx != rows[:, None])
+        npos = valid.sum(axis=1)
+        if pidx.shape[1] == 0:
+            return
+        ranks = _positive_ranks(block[a:b], pidx, valid)
+        k = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)
+        prec = np.where(k[None, :] <= npos[:, None], k[None, :] / ranks, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ap[rows] = prec.sum(axis=1) / npos
+        first[rows] = ranks[:, 0]
+        npos_all[rows] = npos
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for q0, block in _score_blocks(q, g, same, distance, chunk_size):
+            b = block.shape[0]
+            if leave_one_out:
+                r = np.arange(b)
+                block[r, q0 + r] = -np.inf
+            edges = np.linspace(0, b, min(threads, b) + 1).astype(int)
+            futures = [pool.submit(work, q0, block, int(lo), int(hi))
+                       for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+            for f in futures:
+                f.result()
+    return _summarise(first, ap, npos_all > 0, ks)
+
+
+# --------------------------------------------------------------------------
+# Partial backfilling
+# --------------------------------------------------------------------------
+
+def backfill_order(gallery_forward, labels, *, kind: str = "paper", seed: int = 0) -> np.ndarray:
+    """The order in which gallery items are backfilled (a permutation of 0..N-1).
+
+    ``kind="paper"``: largest Euclidean distance of F(h_old) (``gallery_forward``)
+    to its class mean (the mean of F(h_old) over the gallery items of that
+    label) first; equal distances keep the lower index first.
+    ``kind="random"``: ``np.random.default_rng(seed).permutation(N)`` (FCT's order).
+    """
+    x = _as_features(gallery_forward, "gallery_forward").astype(np.float64)
+    y = _as_labels(labels, x.shape[0], "labels")
+    if kind == "random":
+        return np.random.default_rng(seed).permutation(x.shape[0])
+    if kind != "paper":
+        raise ValueError(f"`kind` must be one of {BACKFILL_ORDERS}, got {kind!r}")
+    classes, inverse = np.unique(y, return_inverse=True)
+    sums = np.zeros((classes.size, x.shape[1]))
+    np.add.at(sums, inverse, x)
+    means = sums / np.bincount(inverse, minlength=classes.size)[:, None]
+    dist = np.linalg.norm(x - means[inverse], axis=1)
+    return np.argsort(-dist, kind="stable")
+
+
+def backfill_curve(query, gallery_old_side, gallery_new_side, labels, order, *,
+                   points: int = 21, distance: str = "cosine", metric: str = "top1",
+                   chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Retrieval metric while the gallery is backfilled.
+
+    For each beta in ``linspace(0, 1, points)``, the first ``floor(beta * N)``
+    items of ``order`` take their new-side embedding (``gallery_new_side``), the
+    rest keep the old side (``gallery_old_side``, e.g. F(h_old)); the query set
+    (item i = gallery item i, e.g. B(h_new)) is scored leave-one-out against
+    that gallery. ``floor`` is taken after rounding beta*N to 9 decimals, so
+    that beta = 0.35 with N = 100 replaces 35 items, not 34.
+
+    Returns ``(betas, values)``, values in percent for ``metric`` in
+    ``"top1"``, ``"top<k>"``, ``"mAP"``.
+    """
+    q = _as_features(query, "query")
+    old = _as_features(gallery_old_side, "gallery_old_side")
+    new = _as_features(gallery_new_side, "gallery_new_side")
+    n = q.shape[0]
+    if old.shape != (n, q.shape[1]) or new.shape != old.shape:
+        raise ValueError("`query`, `gallery_old_side` and `gallery_new_side` must have the same "
+                         f"shape, got {q.shape}, {old.shape}, {new.shape}")
+    y = _as_labels(labels, n, "labels")
+    order = np.asarray(order)
+    if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+        raise ValueError(f"`order` must be a permutation of 0..{n - 1}")
+    if int(points) < 2:
+        raise ValueError(f"`points` must be >= 2, got {points!r}")
+    ks = (1,)
+    if metric != "mAP":
+        if not (metric.startswith("top") and metric[3:].isdigit() and int(metric[3:]) >= 1):
+            raise ValueError(f"`metric` must be 'top<k>' or 'mAP', got {metric!r}")
+        ks = (int(metric[3:]),)
+    betas = np.linspace(0.0, 1.0, int(points))
+    counts = np.floor(np.round(betas * n, 9)).astype(np.int64)
+    values = np.empty(betas.size)
+    gallery = old.copy()
+    done = 0
+    for i, c in enumerate(counts):
+        idx = order[done:c]
+        gallery[idx] = new[idx]
+        done = c
+        values[i] = retrieval(q, gallery, y, y, leave_one_out=True, distance=distance,
+                              topk=ks, chunk_size=chunk_size)[metric]
+    return betas, values
+
+
+def curve_area(betas, values) -> float:
+    """Trapezoidal area under ``values(beta)``, divided by the beta span (so a curve
+    over [0, 1] gets its plain area, in the values' unit: a mean level)."""
+    b = np.asarray(betas, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    if b.ndim != 1 or b.shape != v.shape or b.size < 2:
+        raise ValueError("`betas` and `values` must be 1-D of the same length >= 2")
+    span = b[-1] - b[0]
+    if not span > 0:
+        raise ValueError("`betas` must be increasing")
+    return float(np.sum((v[1:] + v[:-1]) * np.diff(b)) / 2.0 / span)
+
+
+# --------------------------------------------------------------------------
+# Compatibility criteria
+# --------------------------------------------------------------------------
+
+def ecc(new_side_metric: float, old_old_metric: float) -> bool:
+    """Empirical compatibility criterion (BCT): ``M(new-side, old) > M(old, old)``.
+
+    Strict ``>``: equal values do NOT meet it (public repositories disagree on
+    ``<`` vs ``<=``; a model that merely matches the old one has gained nothing).
+    """
+    return bool(new_side_metric > old_old_metric)
+
+
+def ecc_margin(new_side_metric: float, old_old_metric: float) -> float:
+    """``M(new-side, old) - M(old, old)``: positive exactly when :func:`ecc` holds."""
+    return float(new_side_metric) - float(old_old_metric)
+
+
+def ac_am(matrix) -> tuple[float, float]:
+    """Average compatibility and average metric of a T x T compatibility matrix.
+
+    ``matrix[i][j]`` is the metric of model i's queries against model j's gallery
+    (model 0 oldest). Over the pairs i > j (a newer model querying an older
+    gallery): AC = share of pairs with ``M[i][j] > M[j][j]`` (strict, as in
+    :func:`ecc`), a fraction in [0, 1]; AM = mean of ``M[i][j]``, in the matrix's
+    unit. Needs T >= 2.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
+        raise ValueError(f"`matrix` must be square with T >= 2, got shape {m.shape}")
+    i, j = np.tril_indices(m.shape[0], k=-1)
+    return float(np.mean(m[i, j] > m[j, j])), float(np.mean(m[i, j]))
+
+
+def compatibility_matrix(query_sets, gallery_sets, labels, *, metric: str = "top1",
+                         distance: str = "cosine", leave_one_out: bool = True,
+                         topk: Sequence[int] = (1, 5),
+                         chunk_size: int | None = None) -> np.ndarray:
+    """T x T matrix with ``M[i][j] = retrieval(query_sets[i], gallery_sets[j])[metric]``.
+
+    ``query_sets[i]`` / ``gallery_sets[i]`` are model i's query-side and
+    gallery-side embeddings of the same evaluation images (for a plain model
+    both are its features; with adapters, e.g. the query side is B(h_new)).
+    ``labels`` are those images' labels, shared by all models. Feed the result
+    to :func:`ac_am`.
+    """
+    t = len(query_sets)
+    if t != len(gallery_sets):
+        raise ValueError(f"`query_sets` and `gallery_sets` differ in length: {t} != "
+                         f"{len(gallery_sets)}")
+    ks = tuple(topk)
+    if metric.startswith("top") and metric[3:].isdigit() and int(metric[3:]) not in ks:
+        ks = ks + (int(metric[3:]),)
+    m = np.empty((t, t))
+    for i in range(t):
+        for j in range(t):
+            res = retrieval(query_sets[i], gallery_sets[j], labels, labels,
+                            leave_one_out=leave_one_out, distance=distance, topk=ks,
+                            chunk_size=chunk_size)
+            if metric not in res:
+                raise ValueError(f"`metric` must be one of {sorted(res)}, got {metric!r}")
+            m[i, j] = res[metric]
+    return m

@@ -1,0 +1,286 @@
+"""The study's report, built from its MLflow runs: summary table (CSV + Markdown) and plots.
+
+    python study/report.py --tracking-uri sqlite:///$PWD/mlflow.db --study NAME [--out DIR]
+
+Rows are method x lambda x pair x data set; values are mean +- std over seeds
+of the final metrics (keys from ``study/keys.py``). Failed trials are listed
+under the table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # see study/run.py: never let study/ shadow top-level packages
+
+from study import keys as K  # noqa: E402
+
+# The paper's rows, in the paper's order, with short column labels.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("old/old/top1", "old/old"), ("new/new/top1", "new/new"), ("B/old/top1", "B/old"), ("B/F/top1", "B/F"),
+    ("B/B/top1", "B/B"), ("F/F/top1", "F/F"), (K.ZS_MEAN, "ZS"), (K.ORTH, "||WtW-I||"),
+    (K.BACKFILL_AUC_PAPER, "backfill"), (K.BACKFILL_AUC_RANDOM, "backfill(rand)"), ("ecc/B/old", "ECC"),
+)
+METHOD_ORDER = ("independent", "fct", "orthogonal", "soft_orthogonality", "srip", "lambda", "affine")
+
+
+@dataclass
+class Report:
+    rows: list[dict[str, Any]]
+    failed: list[dict[str, str]]
+    markdown: str
+    files: list[Path] = field(default_factory=list)
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def fetch_runs(tracking_uri: str, study: str) -> tuple[Any, list[Any]]:
+    """The study's latest parent run and all its child runs."""
+    from study.tracking import PARENT_TAG, ROLE_TAG
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        raise LookupError(f"no study `{study}` at {tracking_uri}; studies there: "
+                          + ", ".join(e.name for e in client.search_experiments()) or "none")
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise LookupError(f"study `{study}` has no study run at {tracking_uri}")
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+                                  max_results=50000)
+    return parent, children
+
+
+def _group_key(run: Any) -> tuple[str, str, str, str]:
+    t = run.data.tags
+    return (t.get("pair", ""), t.get("dataset", ""), t.get("method", ""), t.get("lambda", ""))
+
+
+def _sort_key(key: tuple[str, str, str, str]) -> tuple:
+    pair, ds, method, lam = key
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    if method == "affine":
+        rank = METHOD_ORDER.index("lambda") + 0.5
+    return (pair, ds, rank, float(lam) if lam else -1.0)
+
+
+def summarize(children: Sequence[Any]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Group FINISHED runs by (pair, data set, method, lambda); mean and std over seeds."""
+    groups: dict[tuple, list[Any]] = defaultdict(list)
+    failed = []
+    for run in children:
+        if run.info.status == "FINISHED":
+            groups[_group_key(run)].append(run)
+        elif run.info.status == "FAILED":
+            failed.append({"run": run.info.run_name or run.info.run_id, "error": run.data.tags.get("lc.error", "").strip().splitlines()[-1:][0] if run.data.tags.get("lc.error") else ""})
+    rows = []
+    for key in sorted(groups, key=_sort_key):
+        runs = groups[key]
+        row: dict[str, Any] = {"pair": key[0], "dataset": key[1], "method": key[2], "lambda": key[3], "n": len(runs)}
+        for metric, _ in COLUMNS:
+            vals = np.array([run.data.metrics.get(metric, math.nan) for run in runs], dtype=float)
+            vals = vals[~np.isnan(vals)]
+            row[metric] = (float(vals.mean()), float(vals.std())) if vals.size else (math.nan, math.nan)
+        rows.append(row)
+    return rows, failed
+
+
+def _fmt(mean_std: tuple[float, float]) -> str:
+    mean, std = mean_std
+    return "n/a" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
+
+
+def to_markdown(study: str, rows: list[dict[str, Any]], failed: list[dict[str, str]]) -> str:
+    head = ["pair", "data set", "method", "lambda", "seeds", *(label for _, label in COLUMNS)]
+    lines = [f"## Study `{study}`: top-1 % (mean ± std over seeds)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["pair"], r["dataset"], r["method"], r["lambda"] or "-", str(r["n"]),
+                 *(_fmt(r[m]) for m, _ in COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", f"Failed trials ({len(failed)}):"] + [f"- {f['run']}: {f['error']}" for f in failed]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["pair", "dataset", "method", "lambda", "n"] + [f"{m}{s}" for m, _ in COLUMNS for s in ("", "_std")])
+        for r in rows:
+            w.writerow([r["pair"], r["dataset"], r["method"], r["lambda"], r["n"]]
+                       + [v for m, _ in COLUMNS for v in r[m]])
+
+
+# ---------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------
+
+def _cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        cells[(r["pair"], r["dataset"])].append(r)
+    return cells
+
+
+def plot_lambda_sweep(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Downstream gain (B/B - new/new) and ZS vs lambda; orthogonal and affine as reference lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cells = {k: v for k, v in _cells(rows).items() if any(r["method"] == "lambda" for r in v)}
+    if not cells:
+        return False
+    fig, axes = plt.subplots(len(cells), 2, figsize=(11, 3.6 * len(cells)), squeeze=False)
+    for (pair, ds), ax_row in zip(cells, axes):
+        group = cells[(pair, ds)]
+        lam_rows = sorted((r for r in group if r["method"] == "lambda"), key=lambda r: float(r["lambda"]))
+        lams = [float(r["lambda"]) for r in lam_rows]
+        for ax, metric, label in ((ax_row[0], "B/B/top1", "B/B top-1 - new/new top-1 (gain)"), (ax_row[1], K.ZS_MEAN, "ZS (zero-shot retention)")):
+            def value(r: dict[str, Any]) -> tuple[float, float]:
+                if metric == "B/B/top1":
+                    return (r["B/B/top1"][0] - r["new/new/top1"][0], r["B/B/top1"][1])
+                return r[metric]
+            ys = [value(r) for r in lam_rows]
+            ax.errorbar(lams, [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", label="lambda-orthogonal")
+            for ref, style in (("orthogonal", "--"), ("affine", ":")):
+                for r in group:
+                    if r["method"] == ref:
+                        ax.axhline(value(r)[0], linestyle=style, color="gray" if ref == "orthogonal" else "red", label=ref)
+            ax.set_xlabel("lambda")
+            ax.set_ylabel(label)
+            ax.set_title(f"{pair} on {ds}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated when both coordinates are maximised."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
+            front.append(i)
+    return front
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Compatibility (B/old top-1) vs zero-shot retention (ZS), one point per method/lambda and cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cells = _cells(rows)
+    usable = {k: [r for r in v if not math.isnan(r["B/old/top1"][0]) and not math.isnan(r[K.ZS_MEAN][0])] for k, v in cells.items()}
+    usable = {k: v for k, v in usable.items() if v}
+    if not usable:
+        return False
+    fig, axes = plt.subplots(1, len(usable), figsize=(5.5 * len(usable), 4.2), squeeze=False)
+    for ax, ((pair, ds), group) in zip(axes[0], usable.items()):
+        pts = [(r[K.ZS_MEAN][0], r["B/old/top1"][0]) for r in group]
+        front = set(pareto_front(pts))
+        for i, (r, (x, y)) in enumerate(zip(group, pts)):
+            label = r["method"] if r["method"] != "lambda" else f"λ={r['lambda']}"
+            ax.scatter([x], [y], color="C3" if i in front else "C0", zorder=3)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        fx = sorted((pts[i] for i in front))
+        ax.plot([p[0] for p in fx], [p[1] for p in fx], color="C3", alpha=0.5, label="Pareto front")
+        ax.set_xlabel("ZS (higher = new model's zero-shot kept)")
+        ax.set_ylabel("B/old top-1 (compatibility)")
+        ax.set_title(f"{pair} on {ds}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_backfill(client: Any, children: Sequence[Any], path: Path) -> bool:
+    """Backfill curves (paper order solid, random dashed), mean over seeds, per cell and method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves: dict[tuple[str, str], dict[str, dict[str, list[np.ndarray]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for run in children:
+        if run.info.status != "FINISHED" or K.BACKFILL_AUC_PAPER not in run.data.metrics:
+            continue
+        pair, ds, method, lam = _group_key(run)
+        label = method if method != "lambda" else f"λ={lam}"
+        for key in (K.CURVE_PAPER, K.CURVE_RANDOM):
+            hist = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            if hist:
+                curves[(pair, ds)][label][key].append(np.array([m.value for m in hist]))
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
+    for ax, ((pair, ds), by_label) in zip(axes[0], curves.items()):
+        for i, (label, by_key) in enumerate(sorted(by_label.items())):
+            for key, style in ((K.CURVE_PAPER, "-"), (K.CURVE_RANDOM, "--")):
+                if by_key.get(key):
+                    y = np.mean(np.stack(by_key[key]), axis=0)
+                    ax.plot(np.linspace(0, 1, len(y)), y, style, color=f"C{i % 10}",
+                            label=f"{label} ({'paper order' if key == K.CURVE_PAPER else 'random'})")
+        ax.set_xlabel("beta (fraction of gallery backfilled)")
+        ax.set_ylabel("top-1 %")
+        ax.set_title(f"{pair} on {ds}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def build_report(tracking_uri: str, study: str, out_dir: Path) -> Report:
+    """Summary table and plots for a study, written to `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, children = fetch_runs(tracking_uri, study)
+    rows, failed = summarize(children)
+    markdown = to_markdown(study, rows, failed)
+    md_path, csv_path = out_dir / "summary.md", out_dir / "summary.csv"
+    md_path.write_text(markdown)
+    write_csv(csv_path, rows)
+    files = [csv_path, md_path]
+    for name, fn in (("lambda_sweep.png", lambda p: plot_lambda_sweep(rows, p)), ("pareto.png", lambda p: plot_pareto(rows, p)),
+                     ("backfill.png", lambda p: plot_backfill(_client(tracking_uri), children, p))):
+        if fn(out_dir / name):
+            files.append(out_dir / name)
+    return Report(rows=rows, failed=failed, markdown=markdown, files=files)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="study/report.py", description="Summary table and plots of a study from MLflow.")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--out", default=None, help="output folder (default reports/<study>)")
+    args = p.parse_args(argv)
+    from study.tracking import default_tracking_uri
+    uri = args.tracking_uri or default_tracking_uri(Path.cwd())
+    try:
+        report = build_report(uri, args.study, Path(args.out or Path("reports") / args.study))
+    except LookupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.markdown)
+    print("wrote: " + ", ".join(str(f) for f in report.files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""Search-space YAML -> a validated, typed :class:`StudySpec` (no Ray, no MLflow).
+
+The schema (every key, its type and default) is documented in
+``search_spaces/README.md``. Validation happens here, before anything is
+started or written: any problem raises :class:`SpaceError`, whose message is
+one line naming the file, the key path and what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+import backbones
+from study.config import TrialConfig
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+ADAPTER_METHODS = ("orthogonal", "affine", "lambda", "soft_orthogonality", "srip", "fct", "independent")
+SCHEDULERS = ("none", "asha")
+SEARCHES = ("grid", "optuna")
+MODES = ("max", "min")
+# Keys of a trial config that come from the space rather than `train:`.
+TRIAL_KEYS = ("method", "lam", "alpha", "seed")
+
+
+class SpaceError(ValueError):
+    """A search space that cannot run. ``str(err)`` is the one-line message for the user."""
+
+    def __init__(self, file: str | Path, keypath: str, message: str) -> None:
+        self.file, self.keypath, self.message = str(file), keypath, message
+        where = f"{self.file}: {keypath}: " if keypath else f"{self.file}: "
+        super().__init__(where + message)
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """One unit of feature extraction: a backbone on one split of one data set."""
+
+    backbone: str
+    dataset: str
+    split: str
+
+    def __str__(self) -> str:
+        return f"{self.backbone}|{self.dataset}|{self.split}"
+
+
+@dataclass(frozen=True)
+class ZeroShotSet:
+    dataset: str
+    split: str
+
+    def __str__(self) -> str:
+        return f"{self.dataset}:{self.split}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    old: str
+    new: str
+    zero_shot: tuple[ZeroShotSet, ...] | None = None  # None: the study-wide list
+
+    @property
+    def name(self) -> str:
+        return f"{self.old}->{self.new}"
+
+
+@dataclass(frozen=True)
+class Downstream:
+    dataset: str
+    train: str
+    eval: str
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    kind: str = "none"
+    grace_period: int = 2
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class Search:
+    kind: str = "grid"
+    n_trials: int = 16
+    lam: tuple[float, float] = (0.0, 40.0)
+    alpha: tuple[float, float] = (0.1, 10.0)
+    metrics: tuple[str, ...] = ("B/old/top1", "zs/mean")
+    modes: tuple[str, ...] = ("max", "max")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A validated study: what to train, on what, and how to run it."""
+
+    name: str
+    path: Path
+    sha256: str
+    text: str
+    pairs: tuple[Pair, ...]
+    datasets: tuple[Downstream, ...]
+    zero_shot: tuple[ZeroShotSet, ...]
+    methods: tuple[str, ...]
+    lambdas: tuple[float, ...]
+    alphas: tuple[float, ...]
+    seeds: tuple[int, ...]
+    train: dict[str, Any] = field(default_factory=dict)
+    cpu: float = 1.0
+    gpu: float = 0.0
+    metric: str = "B/old/top1"
+    mode: str = "max"
+    scheduler: Scheduler = Scheduler()
+    search: Search = Search()
+    max_concurrent: int | None = None
+    max_failures: int = 1
+    description: str = ""
+
+    def zero_shot_for(self, pair: Pair) -> tuple[ZeroShotSet, ...]:
+        return self.zero_shot if pair.zero_shot is None else pair.zero_shot
+
+    def cells(self) -> list[dict[str, Any]]:
+        """The (pair, downstream set) combinations, each with its feature keys."""
+        out = []
+        for pair, ds in itertools.product(self.pairs, self.datasets):
+            zs = self.zero_shot_for(pair)
+            out.append({
+                "pair": pair.name, "old": pair.old, "new": pair.new,
+                "dataset": ds.dataset, "train_split": ds.train, "eval_split": ds.eval,
+                "zero_shot": [str(z) for z in zs],
+            })
+        return out
+
+    def trials(self) -> list[dict[str, Any]]:
+        """The grid, expanded: one flat config dict per trial, in a stable order."""
+        out = []
+        for cell in self.cells():
+            for method in self.methods:
+                lams: tuple[float | None, ...] = self.lambdas if method == "lambda" else (None,)
+                alphas: tuple[float | None, ...] = self.alphas if method == "lambda" else (None,)
+                for lam, alpha, seed in itertools.product(lams, alphas, self.seeds):
+                    cfg = {**cell, "method": method, "lam": lam, "alpha": alpha, "seed": seed}
+                    cfg["train"] = dict(self.train)
+                    out.append(cfg)
+        return out
+
+    def feature_keys(self) -> list[FeatureKey]:
+        """Unique (backbone, data set, split) keys the study needs, sorted."""
+        keys = set()
+        for pair in self.pairs:
+            for ds in self.datasets:
+                for split in (ds.train, ds.eval):
+                    keys.add(FeatureKey(pair.old, ds.dataset, split))
+                    keys.add(FeatureKey(pair.new, ds.dataset, split))
+            for z in self.zero_shot_for(pair):
+                keys.add(FeatureKey(pair.new, z.dataset, z.split))
+        return sorted(keys, key=str)
+
+    @property
+    def backbone_names(self) -> list[str]:
+        return sorted({p.old for p in self.pairs} | {p.new for p in self.pairs})
+
+
+def trial_name(cfg: dict[str, Any]) -> str:
+    """A short, readable, unique-per-grid-point trial name."""
+    method = cfg["method"]
+    if method == "lambda":
+        method = f"lambda{cfg['lam']:g}" + (f"-a{cfg['alpha']:g}" if cfg.get("alpha") is not None else "")
+    pair = cfg["pair"].replace("->", "-to-")
+    return f"{pair}_{cfg['dataset']}_{method}_s{cfg['seed']}"
+
+
+# ---------------------------------------------------------------------------
+# Parsing and validation
+# ---------------------------------------------------------------------------
+
+class _Checker:
+    """Small typed accessors that raise SpaceError with the key path."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+
+    def fail(self, keypath: str, message: str) -> SpaceError:
+        return SpaceError(self.file, keypath, message)
+
+    def mapping(self, value: Any, keypath: str, allowed: dict[str, Any], required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(keypath or "<top level>", f"expected a mapping, got {_typename(value)}")
+        for key in value:
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), list(allowed), n=1)
+                dym = f"; did you mean `{hint[0]}`?" if hint else ""
+                raise self.fail(_join(keypath, str(key)), f"unknown key{dym} allowed: {', '.join(allowed)}")
+        for key in required:
+            if key not in value:
+                raise self.fail(_join(keypath, key), "required key is missing")
+        return value
+
+    def typed(self, value: Any, keypath: str, kind: type | tuple[type, ...], what: str) -> Any:
+        if isinstance(value, bool) and bool not in _as_tuple(kind):
+            raise self.fail(keypath, f"expected {what}, got a boolean ({value!r})")
+        if not isinstance(value, kind):
+            raise self.fail(keypath, f"expected {what}, got {_typename(value)} ({value!r})")
+        return value
+
+    def number(self, value: Any, keypath: str, *, low: float | None = None, low_open: bool = False,
+               high: float | None = None) -> float:
+        v = float(self.typed(value, keypath, (int, float), "a number"))
+        if math.isnan(v):
+            raise self.fail(keypath, "must be a number, got NaN")
+        if low is not None and (v <= low if low_open else v < low):
+            raise self.fail(keypath, f"must be {'>' if low_open else '>='} {low:g}, got {v:g}")
+        if high is not None and v > high:
+            raise self.fail(keypath, f"must be <= {high:g}, got {v:g}")
+        return v
+
+    def integer(self, value: Any, keypath: str, *, low: int | None = None) -> int:
+        v = self.typed(value, keypath, int, "an integer")
+        if low is not None and v < low:
+            raise self.fail(keypath, f"must be >= {low}, got {v}")
+        return v
+
+    def choice(self, value: Any, keypath: str, allowed: tuple[str, ...] | list[str]) -> str:
+        v = self.typed(value, keypath, str, "a string")
+        if v not in allowed:
+            hint = difflib.get_close_matches(v, list(allowed), n=1)
+            dym = f" (did you mean `{hint[0]}`?)" if hint else ""
+            raise self.fail(keypath, f"unknown value `{v}`{dym}; allowed: {', '.join(allowed)}")
+        return v
+
+    def seq(self, value: Any, keypath: str, item: Callable[[Any, str], Any], *, allow_scalar: bool = False,
+            nonempty: bool = True) -> tuple:
+        if allow_scalar and not isinstance(value, list):
+            value = [value]
+        self.typed(value, keypath, list, "a list")
+        if nonempty and not value:
+            raise self.fail(keypath, "must not be empty")
+        return tuple(item(v, f"{keypath}[{i}]") for i, v in enumerate(value))
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _typename(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing (null)"}.get(
+        type(value), type(value).__name__)
+
+
+TOP_KEYS = {
+    "name": "study name ([A-Za-z0-9_.-], no slashes)",
+    "description": "free text",
+    "pairs": "list of {old, new[, zero_shot]}",
+    "datasets": "list of {name, train, eval}",
+    "zero_shot": "list of data set names or {name, split}",
+    "methods": f"list of {ADAPTER_METHODS}",
+    "lambdas": "list of numbers >= 0 (method `lambda`)",
+    "alpha": "number > 0 or list of them",
+    "seeds": "list of integers",
+    "train": "TrialConfig fields shared by every trial",
+    "resources": "{cpu, gpu}",
+    "optimize": "{metric, mode}",
+    "scheduler": "{kind: none|asha, grace_period, reduction_factor}",
+    "search": "{kind: grid|optuna, n_trials, lambda: [lo, hi], alpha: [lo, hi], metrics, modes}",
+    "max_concurrent": "integer >= 1",
+    "max_failures": "integer >= 0 (retries of a failed trial)",
+}
+
+
+def load_space(path: str | Path) -> StudySpec:
+    """Read and validate a search-space YAML file; raise :class:`SpaceError` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(path, "", "no such file" + ("" if path.parent.is_dir() else f" (folder {path.parent} does not exist)"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpaceError(path, "", f"cannot read: {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpaceError(path, "", f"malformed YAML{where}: {problem}") from None
+    return parse_space(raw, path=path, text=text)
+
+
+def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
+    """Validate an already-parsed YAML document."""
+    c = _Checker(path)
+    top = c.mapping(raw, "", TOP_KEYS, required=("name", "pairs", "datasets", "methods", "seeds"))
+
+    name = c.typed(top["name"], "name", str, "a string")
+    if not NAME_RE.match(name) or ".." in name:
+        raise c.fail("name", f"`{name}` is not allowed: use 1-100 of [A-Za-z0-9_.-], starting with a letter or digit, no `/` or `..`")
+
+    known_bb = backbones.list_backbones()
+    known_ds = backbones.list_datasets()
+
+    def backbone(v: Any, kp: str) -> str:
+        return c.choice(v, kp, known_bb)
+
+    def dataset_split(ds: str, split: Any, kp: str) -> str:
+        return c.choice(split, kp, list(backbones.dataset_cfg(ds).splits))
+
+    def zero_shot_item(v: Any, kp: str) -> ZeroShotSet:
+        if isinstance(v, str):
+            ds = c.choice(v, kp, known_ds)
+            return ZeroShotSet(ds, _default_eval_split(ds))
+        m = c.mapping(v, kp, {"name": "", "split": ""}, required=("name",))
+        ds = c.choice(m["name"], f"{kp}.name", known_ds)
+        split = dataset_split(ds, m.get("split", _default_eval_split(ds)), f"{kp}.split")
+        return ZeroShotSet(ds, split)
+
+    zero_shot = c.seq(top.get("zero_shot", []), "zero_shot", zero_shot_item, nonempty=False)
+
+    def pair_item(v: Any, kp: str) -> Pair:
+        m = c.mapping(v, kp, {"old": "", "new": "", "zero_shot": ""}, required=("old", "new"))
+        zs = None
+        if "zero_shot" in m:
+            zs = c.seq(m["zero_shot"], f"{kp}.zero_shot", zero_shot_item, nonempty=False)
+        return Pair(backbone(m["old"], f"{kp}.old"), backbone(m["new"], f"{kp}.new"), zs)
+
+    pairs = c.seq(top["pairs"], "pairs", pair_item)
+
+    def downstream_item(v: Any, kp: str) -> Downstream:
+        m = c.mapping(v, kp, {"name": "", "train": "", "eval": ""}, required=("name",))
+        ds = c.choice(m["name"], f"{kp}.name", known_ds)
+        train = dataset_split(ds, m.get("train", "train"), f"{kp}.train")
+        ev = dataset_split(ds, m.get("eval", _default_eval_split(ds)), f"{kp}.eval")
+        if train == ev:
+            raise c.fail(f"{kp}.eval", f"must differ from the train split `{train}`")
+        return Downstream(ds, train, ev)
+
+    datasets = c.seq(top["datasets"], "datasets", downstream_item)
+    methods = c.seq(top["methods"], "methods", lambda v, kp: c.choice(v, kp, ADAPTER_METHODS))
+    if len(set(methods)) != len(methods):
+        raise c.fail("methods", "lists a method twice")
+    lambdas = c.seq(top.get("lambdas", []), "lambdas", lambda v, kp: c.number(v, kp, low=0.0), nonempty=False)
+    alphas = c.seq(top.get("alpha", TrialConfig.__dataclass_fields__["alpha"].default), "alpha",
+                   lambda v, kp: c.number(v, kp, low=0.0, low_open=True), allow_scalar=True)
+    seeds = c.seq(top["seeds"], "seeds", lambda v, kp: c.integer(v, kp, low=0))
+
+    train = c.typed(top.get("train", {}) or {}, "train", dict, "a mapping")
+    for key in train:
+        if key in TRIAL_KEYS:
+            raise c.fail(f"train.{key}", "is set per trial from the top-level keys methods/lambdas/alpha/seeds, not in `train`")
+    try:
+        TrialConfig.from_dict({**train, "method": "affine"})
+    except (ValueError, TypeError) as err:
+        raise c.fail("train", str(err)) from None
+
+    resources = c.mapping(top.get("resources", {}) or {}, "resources", {"cpu": "", "gpu": ""})
+    cpu = c.number(resources.get("cpu", 1), "resources.cpu", low=0.0, low_open=True)
+    gpu = c.number(resources.get("gpu", 0), "resources.gpu", low=0.0, high=1.0)
+
+    opt = c.mapping(top.get("optimize", {}) or {}, "optimize", {"metric": "", "mode": ""})
+    metric = c.typed(opt.get("metric", "B/old/top1"), "optimize.metric", str, "a metric key (see study/keys.py)")
+    mode = c.choice(opt.get("mode", "max"), "optimize.mode", MODES)
+
+    sch = c.mapping(top.get("scheduler", {}) or {}, "scheduler", {"kind": "", "grace_period": "", "reduction_factor": ""})
+    scheduler = Scheduler(
+        kind=c.choice(sch.get("kind", "none"), "scheduler.kind", SCHEDULERS),
+        grace_period=c.integer(sch.get("grace_period", 2), "scheduler.grace_period", low=1),
+        reduction_factor=c.integer(sch.get("reduction_factor", 2), "scheduler.reduction_factor", low=2),
+    )
+
+    se = c.mapping(top.get("search", {}) or {}, "search",
+                   {"kind": "", "n_trials": "", "lambda": "", "alpha": "", "metrics": "", "modes": ""})
+    search = Search(
+        kind=c.choice(se.get("kind", "grid"), "search.kind", SEARCHES),
+        n_trials=c.integer(se.get("n_trials", 16), "search.n_trials", low=1),
+        lam=_range(c, se.get("lambda", [0.0, 40.0]), "search.lambda", low=0.0, low_open=False),
+        alpha=_range(c, se.get("alpha", [0.1, 10.0]), "search.alpha", low=0.0, low_open=True),
+        metrics=c.seq(se.get("metrics", ["B/old/top1", "zs/mean"]), "search.metrics",
+                      lambda v, kp: c.typed(v, kp, str, "a metric key")),
+        modes=c.seq(se.get("modes", ["max", "max"]), "search.modes", lambda v, kp: c.choice(v, kp, MODES)),
+    )
+    if len(search.metrics) != len(search.modes):
+        raise c.fail("search.modes", f"needs one mode per metric ({len(search.metrics)}), got {len(search.modes)}")
+
+    max_concurrent = top.get("max_concurrent")
+    if max_concurrent is not None:
+        max_concurrent = c.integer(max_concurrent, "max_concurrent", low=1)
+    max_failures = c.integer(top.get("max_failures", 1), "max_failures", low=0)
+    description = c.typed(top.get("description", ""), "description", str, "a string")
+
+    # Cross-field checks.
+    if "lambda" in methods and not lambdas and search.kind == "grid":
+        raise c.fail("lambdas", "method `lambda` is listed but `lambdas` is empty: the grid would have no lambda trials")
+    if search.kind == "optuna" and methods != ("lambda",):
+        raise c.fail("methods", "search `optuna` tunes lambda/alpha: set methods to [lambda]")
+    for i, pair in enumerate(pairs):
+        d, n = backbones.backbone_cfg(pair.old).dim, backbones.backbone_cfg(pair.new).dim
+        if d != n and "independent" in methods:
+            raise c.fail(f"pairs[{i}]", f"method `independent` compares {pair.new} with {pair.old} directly and needs equal dims, got d={d}, n={n}; drop `independent` or pick a pair with equal dims")
+
+    spec = StudySpec(
+        name=name, path=path.resolve(), sha256=hashlib.sha256(text.encode()).hexdigest(), text=text,
+        pairs=pairs, datasets=datasets, zero_shot=zero_shot, methods=methods, lambdas=lambdas,
+        alphas=alphas, seeds=seeds, train=dict(train), cpu=cpu, gpu=gpu, metric=metric, mode=mode,
+        scheduler=scheduler, search=search, max_concurrent=max_concurrent, max_failures=max_failures,
+        description=description,
+    )
+    if search.kind == "grid" and not spec.trials():
+        raise c.fail("", "the grid is empty")
+    return spec
+
+
+def _range(c: _Checker, value: Any, keypath: str, *, low: float, low_open: bool) -> tuple[float, float]:
+    lo_hi = c.seq(value, keypath, lambda v, kp: c.number(v, kp, low=low, low_open=low_open))
+    if len(lo_hi) != 2 or lo_hi[0] >= lo_hi[1]:
+        raise c.fail(keypath, f"must be [low, high] with low < high, got {list(lo_hi)}")
+    return (lo_hi[0], lo_hi[1])
+
+
+def _default_eval_split(dataset: str) -> str:
+    splits = backbones.dataset_cfg(dataset).splits
+    for name in ("test", "val", "all"):
+        if name in splits:
+            return name
+    return splits[-1]

@@ -1,0 +1,204 @@
+"""MLflow bookkeeping, written by the driver only.
+
+One experiment per study, one parent run per study and one child run per
+trial. Every write is idempotent with respect to a resume: a child run is
+found by its Ray trial id before one is created, so an interrupted and resumed
+study never holds two runs for one trial. SQLite "database is locked" errors
+are retried.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+from urllib.parse import urlparse
+
+T = TypeVar("T")
+
+ROLE_TAG = "lc.role"            # "study" on the parent, "trial" on children
+STUDY_TAG = "lc.study"
+TRIAL_ID_TAG = "lc.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+ERROR_TAG = "lc.error"
+SPACE_HASH_TAG = "lc.space_sha256"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or database cannot be used."""
+
+
+def default_tracking_uri(workdir: str | Path = ".") -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def _retry(fn: Callable[[], T], *, attempts: int = 8, base_delay: float = 0.1) -> T:
+    """Run an MLflow call, retrying while SQLite reports it is busy."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - MLflow wraps SQLAlchemy errors in several types
+            if "locked" not in str(err).lower() and "busy" not in str(err).lower() or i == attempts - 1:
+                raise
+            time.sleep(base_delay * 2 ** i)
+    raise AssertionError("unreachable")
+
+
+class StudyTracker:
+    """Driver-side MLflow writer for one study. Picklable (Ray Tune stores callbacks)."""
+
+    def __init__(self, tracking_uri: str, study: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.study = study
+        self.parent_run_id: str | None = None
+        self._client: Any = None
+        self._experiment_id: str | None = None
+        self._runs: dict[str, str] = {}       # trial id -> run id
+        self._finished: set[str] = set()      # trial ids whose run is FINISHED
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    # -- set-up ------------------------------------------------------------
+    def check(self, timeout_s: float = 10.0) -> None:
+        """Fail fast with :class:`TrackingError` when the tracking URI cannot be used."""
+        parsed = urlparse(self.tracking_uri)
+        if parsed.scheme in ("http", "https"):
+            import urllib.request
+            url = self.tracking_uri.rstrip("/") + "/health"
+            try:
+                with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - user-given URI
+                    resp.read()
+            except Exception as err:  # noqa: BLE001
+                raise TrackingError(f"MLflow tracking server {self.tracking_uri} is unreachable ({err}); start it or pass another --tracking-uri") from None
+        elif parsed.scheme == "sqlite":
+            db = Path(parsed.path)
+            if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+                raise TrackingError(f"cannot write the MLflow database {db}: folder missing or not writable")
+        else:
+            raise TrackingError(f"unsupported tracking URI `{self.tracking_uri}`: use sqlite:///ABS/PATH/mlflow.db or http(s)://HOST:PORT")
+
+    def _experiment(self) -> str:
+        if self._experiment_id is None:
+            exp = _retry(lambda: self.client.get_experiment_by_name(self.study))
+            if exp is None:
+                location = None
+                parsed = urlparse(self.tracking_uri)
+                if parsed.scheme == "sqlite":
+                    location = (Path(parsed.path).parent / "mlartifacts" / self.study).as_uri()
+                self._experiment_id = _retry(lambda: self.client.create_experiment(self.study, artifact_location=location))
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def start_study(self, *, params: dict[str, Any], tags: dict[str, str], artifacts: Iterable[Path] = ()) -> str:
+        """Open (or reopen after an interruption) the study's parent run."""
+        exp = self._experiment()
+        found = _retry(lambda: self.client.search_runs(
+            [exp], filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=1, order_by=["attributes.start_time DESC"]))
+        if found:
+            self.parent_run_id = found[0].info.run_id
+            _retry(lambda: self.client.update_run(self.parent_run_id, status="RUNNING"))
+        else:
+            run = _retry(lambda: self.client.create_run(exp, run_name=self.study, tags={ROLE_TAG: "study", STUDY_TAG: self.study, **tags}))
+            self.parent_run_id = run.info.run_id
+            from mlflow.entities import Param
+            _retry(lambda: self.client.log_batch(self.parent_run_id, params=[Param(k, _param(v)) for k, v in params.items()]))
+            for path in artifacts:
+                _retry(lambda: self.client.log_artifact(self.parent_run_id, str(path)))
+        self._load_children()
+        return self.parent_run_id
+
+    def _load_children(self) -> None:
+        runs = _retry(lambda: self.client.search_runs(
+            [self._experiment()], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'", max_results=50000))
+        for run in runs:
+            tid = run.data.tags.get(TRIAL_ID_TAG)
+            if tid:
+                self._runs[tid] = run.info.run_id
+                if run.info.status == "FINISHED":
+                    self._finished.add(tid)
+
+    def end_study(self, status: str, artifacts: Iterable[Path] = ()) -> None:
+        for path in artifacts:
+            _retry(lambda: self.client.log_artifact(self.parent_run_id, str(path)))
+        _retry(lambda: self.client.set_terminated(self.parent_run_id, status=status))
+
+    # -- trials ------------------------------------------------------------
+    def is_finished(self, trial_id: str) -> bool:
+        return trial_id in self._finished
+
+    def start_trial(self, trial_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+        """Create the trial's child run, or reopen it on a resume; None when it already finished."""
+        if trial_id in self._finished:
+            return None
+        run_id = self._runs.get(trial_id)
+        if run_id is not None:
+            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+            return run_id
+        all_tags = {ROLE_TAG: "trial", STUDY_TAG: self.study, TRIAL_ID_TAG: trial_id, PARENT_TAG: self.parent_run_id, **tags}
+        run = _retry(lambda: self.client.create_run(self._experiment(), run_name=name, tags=all_tags))
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+        _retry(lambda: self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()]))
+        self._runs[trial_id] = run_id
+        return run_id
+
+    def log_metrics(self, trial_id: str, metrics: dict[str, float], step: int) -> None:
+        run_id = self._runs.get(trial_id)
+        if run_id is None or trial_id in self._finished or not metrics:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
+            _retry(lambda: self.client.log_batch(run_id, metrics=batch[i:i + 900]))
+
+    def log_series(self, trial_id: str, key: str, values: Iterable[float]) -> None:
+        """Log a curve as one metric whose step is the point index (the backfill curves)."""
+        run_id = self._runs.get(trial_id)
+        if run_id is None or trial_id in self._finished:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        _retry(lambda: self.client.log_batch(run_id, metrics=[Metric(key, float(v), now, i) for i, v in enumerate(values)]))
+
+    def log_artifacts(self, trial_id: str, folder: Path, artifact_path: str) -> None:
+        run_id = self._runs.get(trial_id)
+        if run_id is not None and trial_id not in self._finished:
+            _retry(lambda: self.client.log_artifacts(run_id, str(folder), artifact_path))
+
+    def finish_trial(self, trial_id: str, tags: dict[str, str] | None = None) -> None:
+        run_id = self._runs.get(trial_id)
+        if run_id is None or trial_id in self._finished:
+            return
+        for k, v in (tags or {}).items():
+            _retry(lambda: self.client.set_tag(run_id, k, v))
+        _retry(lambda: self.client.set_terminated(run_id, status="FINISHED"))
+        self._finished.add(trial_id)
+
+    def fail_trial(self, trial_id: str, error: str) -> None:
+        run_id = self._runs.get(trial_id)
+        if run_id is None or trial_id in self._finished:
+            return
+        _retry(lambda: self.client.set_tag(run_id, ERROR_TAG, error[-4000:]))
+        _retry(lambda: self.client.set_terminated(run_id, status="FAILED"))
+
+    def write_json(self, payload: dict[str, Any], artifact_file: str) -> None:
+        _retry(lambda: self.client.log_text(self.parent_run_id, json.dumps(payload, indent=2, default=str), artifact_file))
+
+
+def _param(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)

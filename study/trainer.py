@@ -1,0 +1,99 @@
+"""A small trainer over cached feature tensors: Adam, epochs, mini-batches, seed.
+
+No DataLoader: the features already sit on the device, and each epoch indexes
+them with a seeded permutation. The batch order depends only on `seed`, so on
+the CPU a run is bit-for-bit repeatable for a given seed and thread count.
+Parametrized modules (the orthogonal B) are evaluated once per step inside
+`torch.nn.utils.parametrize.cached()`, so exp(P) is computed once per step
+however many times the loss calls B.
+
+A non-finite loss stops training with `DivergedError("diverged at epoch k: ...")`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.nn.utils import parametrize
+
+__all__ = ["DivergedError", "resolve_device", "train"]
+
+
+class DivergedError(RuntimeError):
+    """Raised when a training loss is NaN or infinite; `.epoch` is 1-based."""
+
+    def __init__(self, epoch: int, detail: str) -> None:
+        self.epoch = epoch
+        super().__init__(f"diverged at epoch {epoch}: {detail}")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> CUDA if available else CPU; "cuda" without CUDA falls back to CPU with a warning."""
+    device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn("device 'cuda' asked for but CUDA is not available: using the CPU", stacklevel=2)
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def train(
+    params: Iterable[torch.nn.Parameter],
+    batch_loss: Callable[[Tensor], dict[str, Tensor]],
+    n_samples: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    num_threads: int | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Minimise `batch_loss(idx)["loss/total"]` with Adam over `epochs` passes.
+
+    batch_loss gets a LongTensor of sample indices on `device` and returns a dict
+    of scalar tensors including "loss/total"; every key is averaged over the
+    epoch's samples (weighted by batch size). After each epoch
+    `on_epoch(epoch, means)` is called (epoch is 1-based; `means` also holds
+    "epoch") and may add keys to `means`. Returns the list of per-epoch dicts.
+    `num_threads`, if given, calls torch.set_num_threads (process-wide).
+    """
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    device = torch.device(device)
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay) if params else None
+    gen = torch.Generator().manual_seed(seed)
+    history: list[dict[str, float]] = []
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(n_samples, generator=gen).to(device)
+        sums: dict[str, Tensor] = {}
+        for step, start in enumerate(range(0, n_samples, batch_size)):
+            idx = perm[start : start + batch_size]
+            with parametrize.cached():
+                losses = batch_loss(idx)
+                total = losses["loss/total"]
+                if not bool(torch.isfinite(total)):
+                    raise DivergedError(epoch, f"loss/total = {total.item()} at step {step + 1} of the epoch")
+                if opt is not None and total.requires_grad:
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                    opt.step()
+            for k, v in losses.items():
+                v = v.detach() * len(idx)
+                sums[k] = sums[k] + v if k in sums else v
+        means = {k: float(v) / n_samples for k, v in sums.items()}
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise DivergedError(epoch, ", ".join(f"{k} = {means[k]}" for k in bad))
+        means["epoch"] = float(epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, means)
+        history.append(means)
+    return history

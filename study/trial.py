@@ -1,0 +1,357 @@
+"""One trial: train the adapters of one method on cached features and evaluate them.
+
+    from study.trial import run_trial, TrialData
+    result = run_trial({"method": "lambda", "lam": 12}, data, on_epoch=print)
+    result.metrics["B/old/top1"], result.state["B.weight"], result.curves["backfill/paper"]
+
+`run_trial` is what a Ray Tune trial calls and what a user calls in a notebook:
+it takes a config and arrays and returns floats and tensors. It imports neither
+Ray nor MLflow. The metric keys are documented in `study.keys`.
+
+Protocol (see `study.keys` for every key):
+1. Features are cast to float32 and, with `normalize=True` (default),
+   L2-normalised. The train split trains the adapters of the method
+   (`study.config.METHODS`); "independent" trains nothing.
+2. On the evaluation split every row old/old ... B/B is scored leave-one-out
+   (queries = gallery = the split's images; a query never retrieves its own
+   image). New-side vectors meet old features truncated to min(d, n) dims.
+3. ECC (strict >) and its margin for new/old and B/old against old/old;
+   gain/B/B; orth/B = ||W^T W - I||_F of the trained B.
+4. Zero-shot retention on each `zero_shot` set (new-model features only):
+   top1(B(new)/B(new)) - top1(new/new), and their mean.
+5. Partial backfilling on the evaluation split: queries B(h_new); the gallery
+   starts as F(h_old) and items turn into B(h_new) in the paper's order (largest
+   distance of F(h_old) to its class mean first) or a random one (seeded by
+   `seed`); M = `backfill_metric` at `backfill_points` betas in [0, 1], and the
+   area under each curve. For "independent" with d == n the curve is computed
+   with no adapters (h_old gallery turning into h_new); with d != n it is NaN.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor, nn
+
+from study import keys as K
+from study import metrics
+from study.adapters import (
+    backward_weight,
+    export_state,
+    load_adapters,
+    make_backward,
+    make_forward,
+    orthogonality_deviation,
+    truncate_pair,
+)
+from study.config import TrialConfig
+from study.losses import LOSSES
+from study.regularizers import build_regularizer
+from study.trainer import DivergedError, resolve_device, train
+
+__all__ = ["TrialData", "TrialResult", "run_trial", "load_adapters", "DivergedError"]
+
+NAN = float("nan")
+
+
+@dataclass
+class TrialData:
+    """The cached features of one trial.
+
+    Each item is any object with `.x` (float [N, D]) and `.y` (int [N]), e.g.
+    `backbones.Features`. old_* are phi_old's features (d-dim), new_* phi_new's
+    (n-dim) of the *same images in the same order* (labels must match).
+    `zero_shot` maps a set name (no '/', not 'mean') to new-model features of a
+    held-out set, used only for zero-shot retention.
+    """
+
+    old_train: Any
+    new_train: Any
+    old_eval: Any
+    new_eval: Any
+    zero_shot: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for split in ("train", "eval"):
+            old, new = getattr(self, f"old_{split}"), getattr(self, f"new_{split}")
+            ox, nx = np.asarray(old.x), np.asarray(new.x)
+            if ox.ndim != 2 or nx.ndim != 2 or ox.shape[0] != nx.shape[0]:
+                raise ValueError(
+                    f"`old_{split}.x` and `new_{split}.x` must be [N, d] and [N, n] over the same N, "
+                    f"got {ox.shape} and {nx.shape}"
+                )
+            if not np.array_equal(np.asarray(old.y), np.asarray(new.y)):
+                raise ValueError(f"`old_{split}.y` and `new_{split}.y` differ: both must be the same images in order")
+        if np.asarray(self.old_train.x).shape[1] != np.asarray(self.old_eval.x).shape[1]:
+            raise ValueError("`old_train` and `old_eval` have different feature dims")
+        if np.asarray(self.new_train.x).shape[1] != np.asarray(self.new_eval.x).shape[1]:
+            raise ValueError("`new_train` and `new_eval` have different feature dims")
+        for name, z in self.zero_shot.items():
+            K.check_zero_shot_name(name)
+            if np.asarray(z.x).shape[1] != self.n:
+                raise ValueError(f"zero-shot set {name!r} has dim {np.asarray(z.x).shape[1]}, new features have {self.n}")
+
+    @property
+    def d(self) -> int:
+        """Old feature dim."""
+        return int(np.asarray(self.old_train.x).shape[1])
+
+    @property
+    def n(self) -> int:
+        """New feature dim."""
+        return int(np.asarray(self.new_train.x).shape[1])
+
+
+@dataclass
+class TrialResult:
+    """metrics: flat dict of floats (keys in `study.keys`); state: the adapters' tensors
+    (`study.adapters.export_state`, for torch.save / `load_adapters`); curves: lists of
+    floats: `backfill/beta`, `backfill/paper`, `backfill/random`, per-epoch `loss/*`,
+    and per-epoch cheap eval values (`B/old/top1`, ..., with `eval_epoch`); config: the
+    trial's config as a dict (stored beside the weights)."""
+
+    metrics: dict[str, float]
+    state: dict[str, Tensor]
+    curves: dict[str, list[float]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+def _tensor(features: Any, normalize: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    x = torch.as_tensor(np.asarray(features.x, dtype=np.float32), device=device)
+    if normalize:
+        x = Fn.normalize(x, dim=1)
+    y = torch.as_tensor(np.asarray(features.y).astype(np.int64), device=device)
+    return x, y
+
+
+class _Frozen:
+    """B or F evaluated with its weight computed once (exp(P) once for the orthogonal B)."""
+
+    def __init__(self, module: nn.Module | None, n: int) -> None:
+        self.identity = isinstance(module, nn.Identity)
+        if module is None or self.identity:
+            self.weight, self.bias = None, None
+            return
+        with torch.no_grad():
+            self.weight = backward_weight(module, n).detach().clone()
+            b = getattr(module, "bias", None)
+            self.bias = b.detach().clone() if b is not None else None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.identity:
+            return x
+        with torch.no_grad():
+            out = x @ self.weight.mT
+            return out + self.bias if self.bias is not None else out
+
+
+def _np(x: Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+class _Evaluator:
+    """Retrieval rows on the evaluation split for the current B and F."""
+
+    def __init__(self, cfg: TrialConfig, old: Tensor, new: Tensor, y: Tensor) -> None:
+        self.cfg = cfg
+        self.old, self.new = old, new
+        self.y = y.cpu().numpy()
+        self.d, self.n = old.shape[1], new.shape[1]
+        self.old_np, self.new_np = _np(old), _np(new)
+
+    def _score(self, query: np.ndarray, gallery: np.ndarray, topk=None) -> dict[str, float]:
+        return metrics.retrieval(
+            query, gallery, self.y, self.y, leave_one_out=True,
+            distance=self.cfg.distance, topk=topk or self.cfg.topk,
+        )
+
+    def sides(self, B: _Frozen | None, F: _Frozen | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        b_new = _np(B(self.new)) if B is not None else None
+        f_old = _np(F(self.old)) if F is not None else None
+        return b_new, f_old
+
+    def pairs(self, b_new, f_old) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+        old, new = self.old_np, self.new_np
+        return {
+            "old/old": (old, old),
+            "new/new": (new, new),
+            "new/old": (new, old) if self.d == self.n else None,
+            "F/old": truncate_pair(f_old, old) if f_old is not None else None,
+            "F/F": (f_old, f_old) if f_old is not None else None,
+            "B/F": (b_new, f_old) if b_new is not None and f_old is not None else None,
+            "B/old": truncate_pair(b_new, old) if b_new is not None else None,
+            "B/B": (b_new, b_new) if b_new is not None else None,
+        }
+
+    def rows(self, b_new, f_old, only: tuple[str, ...] | None = None, topk=None) -> dict[str, float]:
+        stats = K.stat_names(topk or self.cfg.topk)
+        out: dict[str, float] = {}
+        for row, pair in self.pairs(b_new, f_old).items():
+            if only is not None and row not in only:
+                continue
+            if pair is None:
+                out.update({f"{row}/{s}": NAN for s in stats})
+                continue
+            q, g = pair
+            res = self._score(q, g, topk)
+            out.update({f"{row}/{s}": float(res[s]) for s in stats})
+        return out
+
+
+def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None, device) -> dict[str, float]:
+    out: dict[str, float] = {}
+    deltas = []
+    for name, feats in zero_shot.items():
+        z, y = _tensor(feats, cfg.normalize, device)
+        yn = y.cpu().numpy()
+        new_top1 = float(metrics.retrieval(_np(z), _np(z), yn, yn, leave_one_out=True,
+                                           distance=cfg.distance, topk=(1,))["top1"])
+        if B is None:
+            b_top1 = NAN
+        elif B.identity:
+            b_top1 = new_top1
+        else:
+            bz = _np(B(z))
+            b_top1 = float(metrics.retrieval(bz, bz, yn, yn, leave_one_out=True,
+                                             distance=cfg.distance, topk=(1,))["top1"])
+        out[f"zs/{name}"] = b_top1 - new_top1
+        out[f"zs/{name}/new_top1"] = new_top1
+        out[f"zs/{name}/B_top1"] = b_top1
+        deltas.append(b_top1 - new_top1)
+    out[K.ZS_MEAN] = float(np.mean(deltas)) if deltas else NAN
+    return out
+
+
+def _backfill(cfg: TrialConfig, y: np.ndarray, query: np.ndarray, old_side: np.ndarray,
+              new_side: np.ndarray) -> tuple[dict[str, float], dict[str, list[float]]]:
+    curves: dict[str, list[float]] = {}
+    out: dict[str, float] = {}
+    for kind, key, curve_key in (("paper", K.BACKFILL_AUC_PAPER, K.CURVE_PAPER),
+                                 ("random", K.BACKFILL_AUC_RANDOM, K.CURVE_RANDOM)):
+        order = metrics.backfill_order(old_side, y, kind=kind, seed=cfg.seed)
+        betas, values = metrics.backfill_curve(
+            query, old_side, new_side, y, order, points=cfg.backfill_points,
+            distance=cfg.distance, metric=cfg.backfill_metric,
+        )
+        curves[K.CURVE_BETA] = [float(b) for b in betas]
+        curves[curve_key] = [float(v) for v in values]
+        out[key] = metrics.curve_area(betas, values)
+    return out, curves
+
+
+# ---------------------------------------------------------------------------
+def run_trial(
+    config: TrialConfig | Mapping[str, Any],
+    data: TrialData,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrialResult:
+    """Train the method's adapters on `data`'s train split and evaluate everything.
+
+    `on_epoch(epoch, metrics)` is called after each training epoch with the
+    keys of `study.keys.EPOCH_KEYS` ("independent" trains nothing and calls it
+    never). Raises `DivergedError` when a loss becomes NaN/inf, `ValueError`
+    for a bad config or inconsistent data.
+    """
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    spec = cfg.spec
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    d, n = data.d, data.n
+
+    old_tr, y_tr = _tensor(data.old_train, cfg.normalize, device)
+    new_tr, _ = _tensor(data.new_train, cfg.normalize, device)
+    old_ev, y_ev = _tensor(data.old_eval, cfg.normalize, device)
+    new_ev, _ = _tensor(data.new_eval, cfg.normalize, device)
+    evaluator = _Evaluator(cfg, old_ev, new_ev, y_ev)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    B = make_backward(spec.backward, n, init=cfg.init, generator=gen).to(device) if spec.backward else None
+    F = make_forward(d, n, init=cfg.init, generator=gen).to(device) if spec.forward else None
+    regularizer = build_regularizer(spec.regularizer, cfg)
+
+    curves: dict[str, list[float]] = {k: [] for k in K.LOSS_KEYS}
+    cheap: dict[str, float] = {k: NAN for k in K.CHEAP_EVAL_KEYS}
+    cheap[K.EVAL_EPOCH] = NAN
+    for k in (*K.CHEAP_EVAL_KEYS, K.EVAL_EPOCH):
+        curves[k] = []
+    history: list[dict[str, float]] = []
+
+    t0 = time.perf_counter()
+    if spec.loss is not None:
+        loss_fn = LOSSES[spec.loss]
+
+        def batch_loss(idx: Tensor) -> dict[str, Tensor]:
+            return loss_fn(old_tr[idx], new_tr[idx], y_tr[idx], B, F, regularizer, cfg)
+
+        def epoch_end(epoch: int, means: dict[str, float]) -> None:
+            if epoch == 1 or epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                b_new, f_old = evaluator.sides(_Frozen(B, n), _Frozen(F, n))
+                rows = evaluator.rows(b_new, f_old, only=K.CHEAP_EVAL_ROWS, topk=(1,))
+                cheap.update({k: rows[k] for k in K.CHEAP_EVAL_KEYS})
+                cheap[K.EVAL_EPOCH] = float(epoch)
+                for k in (*K.CHEAP_EVAL_KEYS, K.EVAL_EPOCH):
+                    curves[k].append(cheap[k])
+            means.update(cheap)
+            for k in K.LOSS_KEYS:
+                curves[k].append(means[k])
+            if on_epoch is not None:
+                on_epoch(epoch, dict(means))
+
+        params = [p for m in (B, F) if m is not None for p in m.parameters()]
+        history = train(
+            params, batch_loss, old_tr.shape[0], epochs=cfg.epochs, batch_size=cfg.batch_size,
+            lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=device, on_epoch=epoch_end,
+        )
+    train_s = time.perf_counter() - t0
+
+    # ---- final evaluation -------------------------------------------------
+    t1 = time.perf_counter()
+    B_eval = _Frozen(B, n) if B is not None else None
+    F_eval = _Frozen(F, n) if F is not None else None
+    b_new, f_old = evaluator.sides(B_eval, F_eval)
+    out: dict[str, float] = evaluator.rows(b_new, f_old)
+
+    for row in K.ECC_ROWS:
+        v, ref = out[f"{row}/top1"], out["old/old/top1"]
+        out[K.ecc_key(row)] = NAN if math.isnan(v) else float(metrics.ecc(v, ref))
+        out[K.ecc_margin_key(row)] = metrics.ecc_margin(v, ref)
+    out[K.GAIN] = out["B/B/top1"] - out["new/new/top1"]
+    if B is None:
+        out[K.ORTH] = NAN
+    elif isinstance(B, nn.Identity):
+        out[K.ORTH] = 0.0
+    else:
+        out[K.ORTH] = float(orthogonality_deviation(B_eval.weight.double()))
+    out.update(_zero_shot(cfg, data.zero_shot, B_eval, device))
+
+    y_np = evaluator.y
+    if b_new is not None and f_old is not None:
+        bf, bf_curves = _backfill(cfg, y_np, b_new, f_old, b_new)
+    elif spec.backward is None and d == n:  # no adapters: the old gallery turns into the new one
+        bf, bf_curves = _backfill(cfg, y_np, evaluator.new_np, evaluator.old_np, evaluator.new_np)
+    else:
+        bf = {k: NAN for k in K.BACKFILL_KEYS}
+        bf_curves = {}
+    out.update(bf)
+    curves.update(bf_curves)
+
+    last = history[-1] if history else {}
+    for k in K.LOSS_KEYS:
+        out[k] = float(last.get(k, NAN))
+    out[K.EPOCH] = float(len(history))
+    out["time/train_s"] = train_s
+    out["time/eval_s"] = time.perf_counter() - t1
+
+    return TrialResult(
+        metrics={k: float(out[k]) for k in K.final_keys(data.zero_shot, cfg.topk)},
+        state=export_state(B, F),
+        curves=curves,
+        config=cfg.to_dict(),
+    )

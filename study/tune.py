@@ -1,0 +1,307 @@
+"""StudySpec -> Ray: the feature phase (Ray tasks) and the trials (a Ray Tune Tuner).
+
+Only this module and ``cli.py`` import Ray. Features are extracted once per
+(backbone, data set, split) key, put in the object store once and handed to
+every trial through ``tune.with_parameters``; trials on one node share that
+single read-only copy. MLflow is written by :class:`MLflowCallback`, in the
+driver, through :class:`study.tracking.StudyTracker`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray import tune
+
+from study.space import FeatureKey, StudySpec, trial_name
+from study.tracking import StudyTracker
+
+FeatureStore = dict[str, tuple[Any, Any]]   # str(FeatureKey) -> (x float32 [N, D], y int64 [N])
+# Keys Ray adds to every result; everything else a trial reports is a metric of ours.
+_RAY_KEYS = {
+    "timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip",
+    "done", "trial_id", "date", "experiment_tag", "config", "checkpoint_dir_name", "should_checkpoint",
+    "iterations_since_restore", "time_since_restore", "experiment_id", "final",
+}
+GRID_KEY = "trial"
+ENV_FORWARD = ("HF_HUB_OFFLINE", "LAMBDA_COMPAT_CACHE", "LAMBDA_COMPAT_DATA", "LAMBDA_COMPAT_FAULT")
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Start a local Ray (address None) or connect to a cluster ('auto', 'ray://...')."""
+    env = {k: os.environ[k] for k in ENV_FORWARD if k in os.environ}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Feature phase
+# ---------------------------------------------------------------------------
+
+@ray.remote
+def _prepare_backbone(name: str) -> str:
+    """Train (once, cached) a project-trained backbone; returns its weights digest."""
+    import backbones
+    return backbones.load(name).weights_id
+
+
+@ray.remote
+def _extract(key: FeatureKey) -> tuple[Any, Any, dict[str, Any]]:
+    import backbones
+    feats = backbones.extract(key.backbone, key.dataset, key.split, progress=False)
+    return feats.x, feats.y, dict(feats.meta)
+
+
+def feature_phase(spec: StudySpec, log: Callable[[str], None] = print) -> tuple[FeatureStore, dict[str, int]]:
+    """Train what the project trains, then extract every unique key once (cached on disk)."""
+    import backbones
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    trained = [b for b in spec.backbone_names if backbones.backbone_cfg(b).source == "trained"]
+    if trained:
+        log(f"[features] preparing {len(trained)} project-trained backbone(s): {', '.join(trained)}")
+        ray.get([_prepare_backbone.options(num_cpus=1, num_gpus=gpus).remote(b) for b in trained])
+    keys = spec.feature_keys()
+    log(f"[features] {len(keys)} unique (backbone, data set, split) keys")
+    t0 = time.perf_counter()
+    pending = {_extract.options(num_cpus=1, num_gpus=gpus, max_retries=2).remote(k): k for k in keys}
+    store: FeatureStore = {}
+    counts = {"keys": len(keys), "extracted": 0, "from_cache": 0}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(done[0])
+        x, y, meta = ray.get(done[0])
+        store[str(key)] = (x, y)
+        counts["from_cache" if meta.get("from_cache") else "extracted"] += 1
+        log(f"[features] {len(store)}/{len(keys)} {key} {x.shape[0]}x{x.shape[1]} "
+            f"({'cache' if meta.get('from_cache') else 'extracted'})")
+    log(f"[features] done in {time.perf_counter() - t0:.1f}s: {counts['extracted']} extracted, {counts['from_cache']} from cache")
+    return store, counts
+
+
+# ---------------------------------------------------------------------------
+# The trainable (runs in a Ray worker)
+# ---------------------------------------------------------------------------
+
+class _Arrays:
+    """The .x/.y view that study.trial expects."""
+
+    def __init__(self, pair: tuple[Any, Any]) -> None:
+        self.x, self.y = pair
+
+
+def trial_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The TrialConfig dict for one trial config of the space."""
+    out = {**cfg["train"], "method": cfg["method"], "seed": cfg["seed"]}
+    for key in ("lam", "alpha"):
+        if cfg.get(key) is not None:
+            out[key] = cfg[key]
+    return out
+
+
+def run_one(config: dict[str, Any], features: FeatureStore) -> None:
+    """One trial: per-epoch reports, then the final metrics with the adapters as a checkpoint."""
+    import torch
+
+    from study.trial import TrialData, run_trial
+
+    config = unwrap(config)
+    def feats(backbone: str, dataset: str, split: str) -> _Arrays:
+        return _Arrays(features[str(FeatureKey(backbone, dataset, split))])
+
+    zero_shot = {}
+    for item in config["zero_shot"]:
+        ds, split = item.split(":")
+        zero_shot[ds] = feats(config["new"], ds, split)
+    data = TrialData(
+        old_train=feats(config["old"], config["dataset"], config["train_split"]),
+        new_train=feats(config["new"], config["dataset"], config["train_split"]),
+        old_eval=feats(config["old"], config["dataset"], config["eval_split"]),
+        new_eval=feats(config["new"], config["dataset"], config["eval_split"]),
+        zero_shot=zero_shot,
+    )
+    _inject_fault(config)
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tune.report({**metrics, "epoch": epoch, "final": 0})
+
+    result = run_trial(trial_config(config), data, on_epoch=on_epoch)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(result.state, Path(tmp) / "adapters.pt")
+        (Path(tmp) / "curves.json").write_text(json.dumps(result.curves))
+        tune.report({**result.metrics, "final": 1}, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _inject_fault(config: dict[str, Any]) -> None:
+    """Test hook: LAMBDA_COMPAT_FAULT='raise:<method>' makes matching trials raise."""
+    fault = os.environ.get("LAMBDA_COMPAT_FAULT", "")
+    if fault.startswith("raise:") and config["method"] == fault.split(":", 1)[1]:
+        raise RuntimeError(f"injected fault for method {config['method']}")
+
+
+# ---------------------------------------------------------------------------
+# MLflow callback (driver side)
+# ---------------------------------------------------------------------------
+
+def metrics_of(result: dict[str, Any]) -> dict[str, float]:
+    """Our metrics from a Ray result: numeric, finite or NaN, not Ray's own keys."""
+    out = {}
+    for key, value in result.items():
+        if key in _RAY_KEYS or key.startswith("config/") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    flat = {k: v for k, v in config.items() if k != "train"}
+    flat.update({f"train.{k}": v for k, v in config.get("train", {}).items()})
+    return flat
+
+
+def trial_tags(config: dict[str, Any]) -> dict[str, str]:
+    lam = config.get("lam")
+    return {
+        "method": config["method"], "pair": config["pair"], "dataset": config["dataset"],
+        "lambda": "" if lam is None else f"{lam:g}", "seed": str(config["seed"]),
+    }
+
+
+class MLflowCallback(tune.Callback):
+    """Mirrors trials into MLflow child runs (driver only; safe across Tuner.restore)."""
+
+    def __init__(self, tracker: StudyTracker) -> None:
+        self.tracker = tracker
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        cfg = unwrap(trial.config)
+        self.tracker.start_trial(trial.trial_id, trial_name(cfg), trial_params(cfg), trial_tags(cfg))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.tracker.log_metrics(trial.trial_id, metrics_of(result), step=int(result.get("training_iteration", 0)))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        finish_from_checkpoint(self.tracker, trial.trial_id, trial.checkpoint, trial.last_result or {})
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tracker.fail_trial(trial.trial_id, _error_text(trial))
+
+
+def finish_from_checkpoint(tracker: StudyTracker, trial_id: str, checkpoint: Any, last: dict[str, Any]) -> None:
+    """Log curves and adapter weights from the final checkpoint, then mark the run FINISHED."""
+    if tracker.is_finished(trial_id):
+        return
+    tags = {"lc.final": "1" if last.get("final") else "0"}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            curves_file = Path(folder) / "curves.json"
+            if curves_file.exists():
+                for key, values in json.loads(curves_file.read_text()).items():
+                    tracker.log_series(trial_id, key, values)
+            tracker.log_artifacts(trial_id, Path(folder), "adapters")
+    tracker.finish_trial(trial_id, tags)
+
+
+def _error_text(trial: Any) -> str:
+    err = trial.get_error() if hasattr(trial, "get_error") else None
+    if err is not None:
+        return f"{type(err).__name__}: {err}"
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        return Path(path).read_text()[-4000:]
+    return "trial failed (no error text recorded)"
+
+
+# ---------------------------------------------------------------------------
+# Tuner
+# ---------------------------------------------------------------------------
+
+def _name_of(trial: Any) -> str:
+    return trial_name(unwrap(trial.config))
+
+
+def _dirname_of(trial: Any) -> str:
+    return f"{trial_name(unwrap(trial.config))}_{trial.trial_id}"
+
+
+def _reporter(spec: StudySpec, total: int) -> tune.CLIReporter:
+    metric_cols = {spec.metric: spec.metric, "B/B/top1": "B/B@1", "zs/mean": "ZS", "epoch": "ep"}
+    prefix = f"{GRID_KEY}/" if spec.search.kind == "grid" else ""
+    param_cols = {f"{prefix}{k}": label for k, label in (("pair", "pair"), ("method", "method"), ("lam", "lambda"), ("seed", "seed"))}
+    return tune.CLIReporter(metric_columns=metric_cols, parameter_columns=param_cols, total_samples=total,
+                            max_report_frequency=15, max_progress_rows=12)
+
+
+def make_tuner(
+    spec: StudySpec,
+    param_space: dict[str, Any],
+    features_ref: FeatureStore,
+    tracker: StudyTracker,
+    *,
+    experiment: str,
+    storage: str,
+    search_alg: Any = None,
+    num_samples: int = 1,
+    max_concurrent: int | None = None,
+    total: int,
+) -> tune.Tuner:
+    """A new Tuner, or the restored one when the experiment folder holds an interrupted run."""
+    trainable = tune.with_resources(tune.with_parameters(run_one, features=features_ref),
+                                    {"cpu": spec.cpu, "gpu": spec.gpu})
+    path = os.path.join(storage, experiment)
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    scheduler = None
+    metric, mode = spec.metric, spec.mode
+    if spec.scheduler.kind == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=spec.scheduler.grace_period,
+                                  reduction_factor=spec.scheduler.reduction_factor,
+                                  max_t=int(spec.train.get("epochs", 1000)) + 1)
+    if search_alg is not None:
+        metric = mode = None  # the multi-objective searcher owns metric/mode
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
+                                    num_samples=num_samples, max_concurrent_trials=max_concurrent,
+                                    reuse_actors=True, trial_name_creator=_name_of,
+                                    trial_dirname_creator=_dirname_of),
+        run_config=tune.RunConfig(
+            name=experiment, storage_path=storage, callbacks=[MLflowCallback(tracker)],
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            progress_reporter=_reporter(spec, total), verbose=1,
+        ),
+    )
+
+
+def experiments(spec: StudySpec) -> list[dict[str, Any]]:
+    """The Tune experiments of a study: one grid, or one Optuna search per (pair, data set, seed) cell."""
+    if spec.search.kind == "grid":
+        trials = spec.trials()
+        return [{"name": spec.name, "param_space": {GRID_KEY: tune.grid_search(trials)}, "total": len(trials),
+                 "search_alg": None, "num_samples": 1}]
+    from ray.tune.search.optuna import OptunaSearch
+    out = []
+    for cell in spec.cells():
+        for seed in spec.seeds:
+            space = {**cell, "method": "lambda", "seed": seed, "train": dict(spec.train),
+                     "lam": tune.uniform(*spec.search.lam), "alpha": tune.loguniform(*spec.search.alpha)}
+            searcher = OptunaSearch(metric=list(spec.search.metrics), mode=list(spec.search.modes), seed=seed)
+            name = f"{spec.name}__{cell['pair'].replace('->', '-to-')}__{cell['dataset']}__s{seed}"
+            out.append({"name": name, "param_space": space, "total": spec.search.n_trials,
+                        "search_alg": searcher, "num_samples": spec.search.n_trials})
+    return out
+
+
+def unwrap(config: dict[str, Any]) -> dict[str, Any]:
+    """Grid trials carry their whole config under the one grid key `trial`; Optuna trials are flat."""
+    return config[GRID_KEY] if GRID_KEY in config else config

@@ -1,0 +1,127 @@
+"""Search-space validation: the shipped spaces parse, bad input exits 2 with one clear line and writes nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from study.cli import main
+from study.space import SpaceError, load_space
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+SMOKE = yaml.safe_load((SPACES / "smoke.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SPACES.glob("*.yaml")))
+def test_shipped_spaces_validate(name: str) -> None:
+    spec = load_space(SPACES / name)
+    assert spec.feature_keys()
+    if spec.search.kind == "grid":
+        assert spec.trials()
+
+
+def test_grid_expansion_counts() -> None:
+    spec = load_space(SPACES / "grid.yaml")
+    n_lam = len(spec.lambdas) * len(spec.alphas)
+    expected = len(spec.pairs) * len(spec.datasets) * len(spec.seeds) * (2 + n_lam)
+    trials = spec.trials()
+    assert len(trials) == expected
+    assert len({(t["pair"], t["dataset"], t["method"], t["lam"], t["alpha"], t["seed"]) for t in trials}) == expected
+    # Each unique key once; old and new of both splits plus zero-shot sets of the new model.
+    keys = spec.feature_keys()
+    assert len(keys) == len(set(keys))
+    assert {k.backbone for k in keys} == set(spec.backbone_names)
+
+
+def _with(**changes: object) -> dict:
+    space = yaml.safe_load(yaml.safe_dump(SMOKE))
+    for dotted, value in changes.items():
+        node = space
+        parts = dotted.split("__")
+        for p in parts[:-1]:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        if value is _DELETE:
+            del node[parts[-1]]
+        else:
+            node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
+    return space
+
+
+_DELETE = object()
+
+# (case id, YAML text or dict, substrings the one-line error must contain)
+BAD = [
+    ("malformed-yaml", "name: x\npairs: [\n", ["malformed YAML", "line"]),
+    ("not-a-mapping", "- 1\n- 2\n", ["<top level>", "mapping"]),
+    ("unknown-key-did-you-mean", {**SMOKE, "lamdas": [1]}, ["lamdas", "did you mean `lambdas`"]),
+    ("missing-pairs", _with(pairs=_DELETE), ["pairs", "required"]),
+    ("name-with-slash", _with(name="a/b"), ["name", "not allowed"]),
+    ("name-with-dotdot", _with(name="..evil"), ["name", "not allowed"]),
+    ("unknown-backbone", _with(pairs__0__old="resnet9000"), ["pairs[0].old", "resnet9000", "allowed"]),
+    ("unknown-dataset", _with(datasets__0__name="mnits"), ["datasets[0].name", "did you mean `mnist`"]),
+    ("unknown-split", _with(datasets__0__eval="validation"), ["datasets[0].eval", "validation", "allowed"]),
+    ("negative-lambda", _with(lambdas=[-1]), ["lambdas[0]", ">= 0"]),
+    ("alpha-zero", _with(alpha=0), ["alpha[0]", "> 0"]),
+    ("alpha-negative-list", _with(alpha=[1, -2]), ["alpha[1]", "> 0"]),
+    ("empty-methods", _with(methods=[]), ["methods", "empty"]),
+    ("lambda-without-lambdas", _with(lambdas=[]), ["lambdas", "empty"]),
+    ("gpu-over-one", _with(resources={"cpu": 1, "gpu": 1.5}), ["resources.gpu", "<= 1"]),
+    ("cpu-zero", _with(resources={"cpu": 0}), ["resources.cpu", "> 0"]),
+    ("seeds-wrong-type", _with(seeds="0"), ["seeds", "a list"]),
+    ("seed-bool", _with(seeds=[True]), ["seeds[0]", "boolean"]),
+    ("dims-independent", _with(methods=["independent"]), ["pairs[0]", "d=128", "n=256"]),
+    ("unknown-method", _with(methods=["orthgonal"]), ["methods[0]", "did you mean `orthogonal`"]),
+    ("train-unknown-key", _with(train={"epoch": 3}), ["train", "epoch"]),
+    ("train-wrong-type", _with(train={"epochs": "three"}), ["train", "epochs"]),
+    ("train-per-trial-key", _with(train={"seed": 3}), ["train.seed", "per trial"]),
+    ("mode-unknown", _with(optimize={"metric": "B/old/top1", "mode": "maximize"}), ["optimize.mode", "max, min"]),
+    ("scheduler-unknown", _with(scheduler={"kind": "pbt"}), ["scheduler.kind", "none, asha"]),
+    ("optuna-needs-lambda", _with(search={"kind": "optuna"}), ["methods", "lambda"]),
+    ("pair-missing-new", _with(pairs=[{"old": "mnist_old"}]), ["pairs[0].new", "required"]),
+    ("train-equals-eval", _with(datasets=[{"name": "mnist", "train": "test", "eval": "test"}]), ["datasets[0].eval", "differ"]),
+]
+
+
+def _write(tmp_path: Path, content: str | dict) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+@pytest.mark.parametrize("case,content,needles", BAD, ids=[b[0] for b in BAD])
+def test_bad_space_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case, content, needles) -> None:
+    path = _write(tmp_path, content)
+    storage, db = tmp_path / "ray_results", tmp_path / "mlflow.db"
+    code = main(["--space", str(path), "--storage", str(storage), "--tracking-uri", f"sqlite:///{db}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert str(path) in err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    assert not storage.exists() and not db.exists()
+
+
+def test_missing_space_file(tmp_path, capsys) -> None:
+    code = main(["--space", str(tmp_path / "nope.yaml"), "--storage", str(tmp_path / "rr")])
+    assert code == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "rr").exists()
+
+
+def test_bad_name_option(tmp_path, capsys) -> None:
+    code = main(["--space", str(SPACES / "smoke.yaml"), "--name", "../x", "--storage", str(tmp_path / "rr")])
+    assert code == 2
+    assert "--name" in capsys.readouterr().err
+
+
+def test_dry_run_counts(capsys) -> None:
+    assert main(["--space", str(SPACES / "grid.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(load_space(SPACES / 'grid.yaml').trials())} trials" in out
+
+
+def test_space_error_is_value_error() -> None:
+    err = SpaceError("f.yaml", "a.b", "bad")
+    assert str(err) == "f.yaml: a.b: bad" and isinstance(err, ValueError)

@@ -1,0 +1,118 @@
+"""End to end on smoke.yaml, offline: the runner, MLflow contents, the report, resume without duplicates."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study.report import build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "search_spaces" / "smoke.yaml"
+N_SMOKE_TRIALS = 3
+
+
+def run_cli(workdir: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "study" / "run.py"), "--space", str(SMOKE), "--num-cpus", "2",
+           "--storage", str(workdir / "ray_results"), "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", *extra]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def children(workdir: Path, study: str = "smoke") -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`lc.role` = 'trial'")
+
+
+def parents(workdir: Path, study: str = "smoke") -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`lc.role` = 'study'")
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("e2e")
+    proc = run_cli(workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir
+
+
+def test_mlflow_holds_parent_and_finished_children(finished_study: Path) -> None:
+    assert len(parents(finished_study)) == 1
+    parent = parents(finished_study)[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["lc.space_sha256"]
+    runs = children(finished_study)
+    assert len(runs) == N_SMOKE_TRIALS
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished_study / 'mlflow.db'}")
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert 0 <= run.data.metrics["B/old/top1"] <= 100
+        assert {"method", "pair", "dataset", "seed"} <= set(run.data.tags)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapters")}
+        assert "adapters/adapters.pt" in artifacts
+        assert len(client.get_metric_history(run.info.run_id, "backfill/paper")) == 21
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.csv", "summary.md", "smoke.yaml"} <= parent_files
+
+
+def test_summary_table_has_expected_rows(finished_study: Path, tmp_path: Path) -> None:
+    report = build_report(f"sqlite:///{finished_study / 'mlflow.db'}", "smoke", tmp_path)
+    assert [(r["method"], r["lambda"]) for r in report.rows] == [("orthogonal", ""), ("lambda", "6"), ("affine", "")]
+    orth = report.rows[0]
+    assert orth["zs/mean"][0] == pytest.approx(0.0, abs=1e-9)   # orthogonal B keeps the new space
+    assert orth["orth/B"][0] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_rerun_of_a_finished_study_adds_nothing(finished_study: Path) -> None:
+    proc = run_cli(finished_study)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = Counter(r.info.run_name for r in children(finished_study))
+    assert len(names) == N_SMOKE_TRIALS and set(names.values()) == {1}
+    assert len(parents(finished_study)) == 1
+
+
+def test_failed_trial_is_a_failed_child_and_exit_code_3(tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, env={"LAMBDA_COMPAT_FAULT": "raise:affine"})
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "finished with failures" in proc.stderr
+    status = {r.data.tags["method"]: r for r in children(tmp_path)}
+    assert status["affine"].info.status == "FAILED"
+    assert "injected fault" in status["affine"].data.tags["lc.error"]
+    assert status["orthogonal"].info.status == status["lambda"].info.status == "FINISHED"
+
+
+def test_driver_killed_then_resumed_has_no_duplicates(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "study" / "run.py"), "--space", str(SMOKE), "--num-cpus", "2",
+           "--storage", str(tmp_path / "ray_results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:   # kill once at least one trial has finished
+            if (tmp_path / "mlflow.db").exists():
+                try:
+                    if any(r.info.status == "FINISHED" for r in children(tmp_path)):
+                        break
+                except Exception:  # noqa: BLE001 - the experiment may not exist yet
+                    pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial finished within 300 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = run_cli(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = children(tmp_path)
+    names = Counter(r.info.run_name for r in runs)
+    assert len(runs) == N_SMOKE_TRIALS and set(names.values()) == {1}, names
+    assert all(r.info.status == "FINISHED" for r in runs)
