@@ -122,7 +122,7 @@ def train(cfg: TrainCfg, *, device: str | torch.device = "cpu", progress: bool =
                 opt.step()
                 seen += len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
-                total_loss += float(loss) * len(yb)
+                total_loss += float(loss.detach()) * len(yb)
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
             bar.close()
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}

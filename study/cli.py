@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # use the trimmed CLIReporter below
+    # We force a snapshot per finished trial on purpose (see study/tune.py); silence the nag.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from study.space import NAME_RE, SpaceError, load_space, trial_name
     try:
         spec = load_space(args.space)
@@ -108,8 +110,13 @@ def resolve_storage(storage: str | None, name: str, sha256: str) -> str:
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UsageError(f"--storage: {path} is not writable (checked {probe})")
+    if not probe.is_dir():
+        raise UsageError(f"--storage: {path} cannot be created: {probe} is not a folder")
+    try:  # a real write, not os.access: root passes access checks on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".lambda-compat-probe-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--storage: {path} is not writable ({err.strerror} in {probe})") from None
     free = shutil.disk_usage(probe).free
     if free < MIN_FREE_BYTES:
         raise UsageError(f"--storage: only {free / 2**20:.0f} MiB free under {probe}; need at least {MIN_FREE_BYTES / 2**20:.0f} MiB")
@@ -177,6 +184,9 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
             print(f"interrupted: rerun the same command to resume:\n  {_resume_command()}", file=sys.stderr)
             tracker.end_study("KILLED")
             return EXIT_INTERRUPTED
+        orphans = tracker.close_orphans()
+        if orphans:
+            print(f"[mlflow] marked {orphans} run(s) of lost trials KILLED")
         artifacts: list[Path] = []
         if not args.no_report:
             out = Path(tempfile.mkdtemp(prefix="lambda-compat-report-"))
@@ -198,25 +208,25 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
 
 def reconcile(results: Any, tracker: Any) -> tuple[int, int]:
     """Make MLflow match Ray's results (a driver killed between a trial's end and its callback loses nothing)."""
-    from study.tune import finish_from_checkpoint, metrics_of, trial_name, trial_params, trial_tags, unwrap
+    from study.tracking import RAY_TRIAL_TAG
+    from study.tune import finish_from_checkpoint, metrics_of, trial_key, trial_name, trial_params, trial_tags, unwrap
     failed = finished = 0
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id")
+        ray_id = (result.metrics or {}).get("trial_id")
+        key = trial_key(result.config, ray_id) if ray_id else None
         if result.error is not None:
             failed += 1
-            if trial_id:
-                tracker.fail_trial(trial_id, f"{type(result.error).__name__}: {result.error}")
+            if key:
+                tracker.fail_trial(key, f"{type(result.error).__name__}: {result.error}")
             continue
-        if not result.metrics or not trial_id:
-            continue  # never started or stopped unfinished
-        if not result.metrics.get("done") and result.metrics.get("final") != 1:
-            continue  # interrupted mid-trial: it resumes on the next run
+        if not key or (not result.metrics.get("done") and result.metrics.get("final") != 1):
+            continue  # never started, or interrupted mid-trial: it resumes on the next run
         finished += 1
-        if not tracker.is_finished(trial_id):
+        if not tracker.is_finished(key):
             cfg = unwrap(result.config)
-            tracker.start_trial(trial_id, trial_name(cfg), trial_params(cfg), trial_tags(cfg))
-            tracker.log_metrics(trial_id, metrics_of(result.metrics), step=int(result.metrics.get("training_iteration", 0)))
-            finish_from_checkpoint(tracker, trial_id, result.checkpoint, result.metrics)
+            tracker.start_trial(key, trial_name(cfg), trial_params(cfg), {**trial_tags(cfg), RAY_TRIAL_TAG: ray_id})
+            tracker.log_metrics(key, metrics_of(result.metrics), step=int(result.metrics.get("training_iteration", 0)))
+            finish_from_checkpoint(tracker, key, result.checkpoint, result.metrics)
     return failed, finished
 
 

@@ -12,7 +12,7 @@ and gallery; a query never retrieves its own image, even across models):
 
     old/old   h_old vs h_old                       (always defined)
     new/new   h_new vs h_new                       (always defined)
-    new/old   h_new vs h_old, no adapter           NaN when d != n
+    new/old   h_new vs h_old, no adapter           (truncated to min(d, n) when d != n)
     F/old     F(h_old) vs h_old                    NaN without F ("independent")
     F/F       F(h_old) vs F(h_old)                 NaN without F
     B/F       B(h_new) vs F(h_old)                 NaN without B or F
@@ -20,13 +20,15 @@ and gallery; a query never retrieves its own image, even across models):
     B/B       B(h_new) vs B(h_new)                 NaN without B
 
 Whenever a new-side (n-dim) vector meets an old feature (d-dim) and d != n, both
-are truncated to their first min(d, n) coordinates (the paper's rule). For
+are truncated to their first min(d, n) coordinates (the paper's rule, applied
+to every comparison with old features, raw new/old included). For
 "fct", B is the identity, so B rows are the new features as they are (B/B =
 new/new, B/old = new/old, B/F = new queries against the F-mapped old gallery).
 
 Other final keys:
 
     ecc/new/old, ecc/B/old          1.0 when <row>/top1 > old/old/top1 (strict >), else 0.0; NaN if row NaN
+                                    (strict: a model that only matches old/old has gained nothing)
     ecc_margin/new/old, .../B/old   <row>/top1 - old/old/top1 (percentage points)
     gain/B/B                        B/B/top1 - new/new/top1
     orth/B                          ||W^T W - I||_F of the trained B (0 for orthogonal and for fct's identity)
@@ -35,7 +37,8 @@ Other final keys:
     zs/mean                         mean of zs/<set> over the sets (NaN without sets or without B)
     backfill/auc_paper              area under M(beta), beta in [0, 1], gallery backfilled in the paper's
                                     order (largest distance of F(h_old) to its class mean first)
-    backfill/auc_random             the same in a random order (FCT's)
+    backfill/auc_random             the same in a random order (FCT's), seeded by the config's seed
+                                    (for "independent": queries h_new, h_old gallery turning into h_new)
     loss/total, loss/forward, loss/backward, loss/contrastive, loss/reg
                                     means over the last epoch's samples (NaN for "independent");
                                     forward = L_F (for fct: MSE of F(h_old) to h_new), backward = L_B,

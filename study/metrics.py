@@ -17,8 +17,9 @@ Scores.
     (:func:`retrieval`) and the reference (:func:`retrieval_brute_force`) get
     their scores from the same helper, so two items that tie in one tie in the
     other and both rank exactly the same numbers. (A per-query matrix-vector
-    product, as public code does it, can differ from a matrix-matrix product
-    in the last bit; that can move near-ties, not the method's exactness.)
+    product, as public code does it, or a block of another shape, can differ
+    from our matrix-matrix product in the last bit; that can reorder
+    near-ties, which is float noise of the similarity, not of the ranking.)
 
 Ranking and ties.
     The ranking of query i is the gallery sorted by descending score, with
@@ -50,8 +51,10 @@ How the fast path stays exact without sorting indices
 -----------------------------------------------------
 For AP only the ranks of the positives matter. Per chunk of queries we compute
 the score block (one matmul), gather the positives' scores, sort each row's
-scores (values only: NumPy's SIMD sort, several times cheaper than an argsort)
-and read ``#{k: s_k > s_p}`` for every positive p with a binary search. A tie
+scores (values only: NumPy's SIMD sort, several times cheaper than an argsort;
+items below the row's lowest positive are first clipped to one common value
+just below it, which cannot change any positive's rank and makes the sort
+cheaper) and read ``#{k: s_k > s_p}`` for every positive p with a binary search. A tie
 (another item with exactly the positive's score) is detected from the sorted
 row; only the rows that have one take an exact correction that counts the
 equal-scoring items with a lower index. Row blocks are post-processed in
@@ -85,8 +88,11 @@ DISTANCES = ("cosine", "l2")
 BACKFILL_ORDERS = ("paper", "random")
 
 # Default block budget: chunk_size * len(gallery) float32 scores per block
-# (32 MiB). The fast path holds two blocks (scores + their sorted copy).
+# (32 MiB). The fast path holds two blocks (scores + their sorted copy). At least
+# _MIN_CHUNK query rows per block, so that the matmul stays compute-bound even
+# for very large galleries (each block reads the whole gallery once).
 _BLOCK_ELEMS = 1 << 23
+_MIN_CHUNK = 64
 
 
 # --------------------------------------------------------------------------
@@ -132,6 +138,9 @@ def _validate(query, gallery, query_labels, gallery_labels, leave_one_out, dista
     g = q if same else _as_features(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"`query` and `gallery` dimensions differ: {q.shape[1]} != {g.shape[1]}")
+    if q.shape[0] == 0 or g.shape[0] == 0:
+        raise ValueError(f"`query` and `gallery` need at least one item, got {q.shape[0]} "
+                         f"and {g.shape[0]}")
     ql = _as_labels(query_labels, q.shape[0], "query_labels")
     gl = _as_labels(gallery_labels, g.shape[0], "gallery_labels")
     if leave_one_out:
@@ -155,7 +164,7 @@ def _prepare(x: np.ndarray, distance: str) -> tuple[np.ndarray, np.ndarray | Non
 
 
 def _default_chunk(n_query: int, n_gallery: int) -> int:
-    return max(1, min(n_query, _BLOCK_ELEMS // max(1, n_gallery)))
+    return max(1, min(n_query, max(_MIN_CHUNK, _BLOCK_ELEMS // max(1, n_gallery))))
 
 
 def _score_blocks(query: np.ndarray, gallery: np.ndarray, same: bool, distance: str,
@@ -182,6 +191,15 @@ def _score_blocks(query: np.ndarray, gallery: np.ndarray, same: bool, distance: 
             s -= qsq[q0:q0 + b, None]
             s -= gsq[None, :]
         yield q0, s
+
+
+def _check_metric(metric: str) -> int | None:
+    """The k of a "top<k>" metric, None for "mAP"; anything else is an error."""
+    if metric == "mAP":
+        return None
+    if metric.startswith("top") and metric[3:].isdigit() and int(metric[3:]) >= 1:
+        return int(metric[3:])
+    raise ValueError(f"`metric` must be 'top<k>' (k >= 1) or 'mAP', got {metric!r}")
 
 
 def _summarise(first_rank: np.ndarray, ap: np.ndarray, has_pos: np.ndarray,
@@ -239,10 +257,15 @@ def retrieval_brute_force(query, gallery, query_labels, gallery_labels, *,
 # --------------------------------------------------------------------------
 
 def _default_threads() -> int:
+    """Usable CPUs, capped by ``OMP_NUM_THREADS`` when set (Ray sets it to a
+    trial's CPU share) and by 8."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         n = os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        n = min(n, int(omp))
     return max(1, min(8, n))
 
 
@@ -287,14 +310,22 @@ def _positive_ranks(s: np.ndarray, pidx: np.ndarray, valid: np.ndarray) -> np.nd
     padding entries are ``_NO_RANK``. ``s`` is a score block whose excluded items are
     already ``-inf``."""
     n = s.shape[1]
-    pval = np.where(valid, np.take_along_axis(s, pidx, axis=1), -np.inf)
+    pval = np.take_along_axis(s, pidx, axis=1)
+    # Items scoring below a row's lowest positive never rank above a positive:
+    # clip them to just below it (nextafter, so they cannot tie with it). The
+    # counts below are unchanged, and the sort gets cheaper with every item
+    # clipped (duplicates). The clip is also the copy we sort in place.
+    low = np.min(np.where(valid, pval, np.inf), axis=1)
+    low = np.nextafter(low.astype(np.float32), np.float32(-np.inf))
+    srt = np.maximum(s, low[:, None])
+    srt.sort(axis=1)
     # Ascending needles make each row's binary searches cheaper (NumPy reuses the
     # previous position as a lower bound).
+    pval = np.where(valid, pval, np.float32(-np.inf))
     o = np.argsort(pval, axis=1)
     pval = np.take_along_axis(pval, o, axis=1)
     pidx = np.take_along_axis(pidx, o, axis=1)
     valid = np.take_along_axis(valid, o, axis=1)
-    srt = np.sort(s, axis=1)
     right = np.empty(pval.shape, dtype=np.int64)   # #{k: s_k <= s_p}
     for r in range(s.shape[0]):
         right[r] = np.searchsorted(srt[r], pval[r], side="right")
@@ -325,10 +356,14 @@ def retrieval(query, gallery, query_labels, gallery_labels, *, leave_one_out: bo
         distance: "cosine" or "l2" (see the module docstring for the scores).
         topk: the k of the CMC keys ``"top{k}"``.
         chunk_size: queries per similarity block; default keeps a block near
-            32 MiB. Results do not depend on it (up to BLAS rounding of the
-            matmul, which is the same for every chunk of two or more rows).
+            32 MiB (at least 64 rows). Results are reproducible for a given
+            chunk size; BLAS may round a score differently (last bit) for
+            another block shape, which can reorder near-ties between
+            chunkings. :func:`retrieval_brute_force` with the same
+            ``chunk_size`` sees bit-identical scores.
         num_threads: threads for the per-block ranking (default: usable CPUs,
-            at most 8). Results do not depend on it.
+            capped by ``OMP_NUM_THREADS`` when set, and by 8). Results do not
+            depend on it.
 
     Returns:
         ``{"top1": ..., "top5": ..., "mAP": ...}`` (one ``top{k}`` per k), floats
@@ -351,8 +386,6 @@ def retrieval(query, gallery, query_labels, gallery_labels, *, leave_one_out: bo
         if leave_one_out:
             valid = valid & (pidx != rows[:, None])
         npos = valid.sum(axis=1)
-        if pidx.shape[1] == 0:
-            return
         ranks = _positive_ranks(block[a:b], pidx, valid)
         k = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)
         prec = np.where(k[None, :] <= npos[:, None], k[None, :] / ranks, 0.0)
@@ -429,11 +462,8 @@ def backfill_curve(query, gallery_old_side, gallery_new_side, labels, order, *,
         raise ValueError(f"`order` must be a permutation of 0..{n - 1}")
     if int(points) < 2:
         raise ValueError(f"`points` must be >= 2, got {points!r}")
-    ks = (1,)
-    if metric != "mAP":
-        if not (metric.startswith("top") and metric[3:].isdigit() and int(metric[3:]) >= 1):
-            raise ValueError(f"`metric` must be 'top<k>' or 'mAP', got {metric!r}")
-        ks = (int(metric[3:]),)
+    k = _check_metric(metric)
+    ks = (1,) if k is None else (k,)
     betas = np.linspace(0.0, 1.0, int(points))
     counts = np.floor(np.round(betas * n, 9)).astype(np.int64)
     values = np.empty(betas.size)
@@ -511,16 +541,13 @@ def compatibility_matrix(query_sets, gallery_sets, labels, *, metric: str = "top
     if t != len(gallery_sets):
         raise ValueError(f"`query_sets` and `gallery_sets` differ in length: {t} != "
                          f"{len(gallery_sets)}")
-    ks = tuple(topk)
-    if metric.startswith("top") and metric[3:].isdigit() and int(metric[3:]) not in ks:
-        ks = ks + (int(metric[3:]),)
+    k = _check_metric(metric)
+    ks = tuple(topk) if k is None or k in tuple(topk) else tuple(topk) + (k,)
     m = np.empty((t, t))
     for i in range(t):
         for j in range(t):
             res = retrieval(query_sets[i], gallery_sets[j], labels, labels,
                             leave_one_out=leave_one_out, distance=distance, topk=ks,
                             chunk_size=chunk_size)
-            if metric not in res:
-                raise ValueError(f"`metric` must be one of {sorted(res)}, got {metric!r}")
             m[i, j] = res[metric]
     return m

@@ -19,10 +19,11 @@ T = TypeVar("T")
 
 ROLE_TAG = "lc.role"            # "study" on the parent, "trial" on children
 STUDY_TAG = "lc.study"
-TRIAL_ID_TAG = "lc.trial_id"
+TRIAL_ID_TAG = "lc.trial_key"         # a trial's identity across resumes (see study.tune.trial_key)
+RAY_TRIAL_TAG = "lc.ray_trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 ERROR_TAG = "lc.error"
-SPACE_HASH_TAG = "lc.space_sha256"
+NODE_TAG = "lc.node_id"                # Ray node that ran the trial's final epoch
 
 
 class TrackingError(RuntimeError):
@@ -56,10 +57,13 @@ class StudyTracker:
         self._experiment_id: str | None = None
         self._runs: dict[str, str] = {}       # trial id -> run id
         self._finished: set[str] = set()      # trial ids whose run is FINISHED
+        self._loaded = False                  # _runs/_finished read from MLflow
 
     def __getstate__(self) -> dict[str, Any]:
+        # Ray Tune pickles its callbacks and re-applies that copy on Tuner.restore:
+        # keep only the identity and reload the runs from MLflow on first use.
         state = dict(self.__dict__)
-        state["_client"] = None
+        state.update(_client=None, _runs={}, _finished=set(), _loaded=False)
         return state
 
     @property
@@ -116,10 +120,14 @@ class StudyTracker:
             _retry(lambda: self.client.log_batch(self.parent_run_id, params=[Param(k, _param(v)) for k, v in params.items()]))
             for path in artifacts:
                 _retry(lambda: self.client.log_artifact(self.parent_run_id, str(path)))
+        self._loaded = False
         self._load_children()
         return self.parent_run_id
 
     def _load_children(self) -> None:
+        if self._loaded or self.parent_run_id is None:
+            return
+        self._loaded = True
         runs = _retry(lambda: self.client.search_runs(
             [self._experiment()], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'", max_results=50000))
         for run in runs:
@@ -129,18 +137,32 @@ class StudyTracker:
                 if run.info.status == "FINISHED":
                     self._finished.add(tid)
 
+    def close_orphans(self) -> int:
+        """Mark KILLED the child runs left RUNNING by trials that no longer exist (Ray state lost)."""
+        runs = _retry(lambda: self.client.search_runs(
+            [self._experiment()], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'"))
+        for run in runs:
+            _retry(lambda: self.client.set_terminated(run.info.run_id, status="KILLED"))
+        return len(runs)
+
     def end_study(self, status: str, artifacts: Iterable[Path] = ()) -> None:
         for path in artifacts:
             _retry(lambda: self.client.log_artifact(self.parent_run_id, str(path)))
         _retry(lambda: self.client.set_terminated(self.parent_run_id, status=status))
 
     # -- trials ------------------------------------------------------------
+    def _run_of(self, trial_id: str) -> str | None:
+        """The trial's open run id; None when it has none or it already FINISHED."""
+        self._load_children()
+        return None if trial_id in self._finished else self._runs.get(trial_id)
+
     def is_finished(self, trial_id: str) -> bool:
+        self._load_children()
         return trial_id in self._finished
 
     def start_trial(self, trial_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         """Create the trial's child run, or reopen it on a resume; None when it already finished."""
-        if trial_id in self._finished:
+        if self.is_finished(trial_id):
             return None
         run_id = self._runs.get(trial_id)
         if run_id is not None:
@@ -155,8 +177,8 @@ class StudyTracker:
         return run_id
 
     def log_metrics(self, trial_id: str, metrics: dict[str, float], step: int) -> None:
-        run_id = self._runs.get(trial_id)
-        if run_id is None or trial_id in self._finished or not metrics:
+        run_id = self._run_of(trial_id)
+        if run_id is None or not metrics:
             return
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
@@ -166,21 +188,25 @@ class StudyTracker:
 
     def log_series(self, trial_id: str, key: str, values: Iterable[float]) -> None:
         """Log a curve as one metric whose step is the point index (the backfill curves)."""
-        run_id = self._runs.get(trial_id)
-        if run_id is None or trial_id in self._finished:
-            return
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        _retry(lambda: self.client.log_batch(run_id, metrics=[Metric(key, float(v), now, i) for i, v in enumerate(values)]))
+        run_id = self._run_of(trial_id)
+        if run_id is not None:
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            _retry(lambda: self.client.log_batch(run_id, metrics=[Metric(key, float(v), now, i) for i, v in enumerate(values)]))
+
+    def set_tag(self, trial_id: str, key: str, value: str) -> None:
+        run_id = self._run_of(trial_id)
+        if run_id is not None:
+            _retry(lambda: self.client.set_tag(run_id, key, value))
 
     def log_artifacts(self, trial_id: str, folder: Path, artifact_path: str) -> None:
-        run_id = self._runs.get(trial_id)
-        if run_id is not None and trial_id not in self._finished:
+        run_id = self._run_of(trial_id)
+        if run_id is not None:
             _retry(lambda: self.client.log_artifacts(run_id, str(folder), artifact_path))
 
     def finish_trial(self, trial_id: str, tags: dict[str, str] | None = None) -> None:
-        run_id = self._runs.get(trial_id)
-        if run_id is None or trial_id in self._finished:
+        run_id = self._run_of(trial_id)
+        if run_id is None:
             return
         for k, v in (tags or {}).items():
             _retry(lambda: self.client.set_tag(run_id, k, v))
@@ -188,11 +214,10 @@ class StudyTracker:
         self._finished.add(trial_id)
 
     def fail_trial(self, trial_id: str, error: str) -> None:
-        run_id = self._runs.get(trial_id)
-        if run_id is None or trial_id in self._finished:
-            return
-        _retry(lambda: self.client.set_tag(run_id, ERROR_TAG, error[-4000:]))
-        _retry(lambda: self.client.set_terminated(run_id, status="FAILED"))
+        run_id = self._run_of(trial_id)
+        if run_id is not None:
+            _retry(lambda: self.client.set_tag(run_id, ERROR_TAG, error[-4000:]))
+            _retry(lambda: self.client.set_terminated(run_id, status="FAILED"))
 
     def write_json(self, payload: dict[str, Any], artifact_file: str) -> None:
         _retry(lambda: self.client.log_text(self.parent_run_id, json.dumps(payload, indent=2, default=str), artifact_file))

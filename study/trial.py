@@ -23,8 +23,9 @@ Protocol (see `study.keys` for every key):
    starts as F(h_old) and items turn into B(h_new) in the paper's order (largest
    distance of F(h_old) to its class mean first) or a random one (seeded by
    `seed`); M = `backfill_metric` at `backfill_points` betas in [0, 1], and the
-   area under each curve. For "independent" with d == n the curve is computed
-   with no adapters (h_old gallery turning into h_new); with d != n it is NaN.
+   area under each curve. For "independent" the curve is computed with no
+   adapters: queries h_new, an h_old gallery turning into h_new (truncated to
+   min(d, n) dims when d != n).
 """
 from __future__ import annotations
 
@@ -181,7 +182,7 @@ class _Evaluator:
         return {
             "old/old": (old, old),
             "new/new": (new, new),
-            "new/old": (new, old) if self.d == self.n else None,
+            "new/old": truncate_pair(new, old),
             "F/old": truncate_pair(f_old, old) if f_old is not None else None,
             "F/F": (f_old, f_old) if f_old is not None else None,
             "B/F": (b_new, f_old) if b_new is not None and f_old is not None else None,
@@ -334,11 +335,9 @@ def run_trial(
     y_np = evaluator.y
     if b_new is not None and f_old is not None:
         bf, bf_curves = _backfill(cfg, y_np, b_new, f_old, b_new)
-    elif spec.backward is None and d == n:  # no adapters: the old gallery turns into the new one
-        bf, bf_curves = _backfill(cfg, y_np, evaluator.new_np, evaluator.old_np, evaluator.new_np)
-    else:
-        bf = {k: NAN for k in K.BACKFILL_KEYS}
-        bf_curves = {}
+    else:  # no adapters: the (truncated) old gallery turns into the new one
+        new_t, old_t = truncate_pair(evaluator.new_np, evaluator.old_np)
+        bf, bf_curves = _backfill(cfg, y_np, new_t, old_t, new_t)
     out.update(bf)
     curves.update(bf_curves)
 

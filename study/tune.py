@@ -19,14 +19,14 @@ import ray
 from ray import tune
 
 from study.space import FeatureKey, StudySpec, trial_name
-from study.tracking import StudyTracker
+from study.tracking import NODE_TAG, RAY_TRIAL_TAG, StudyTracker
 
 FeatureStore = dict[str, tuple[Any, Any]]   # str(FeatureKey) -> (x float32 [N, D], y int64 [N])
 # Keys Ray adds to every result; everything else a trial reports is a metric of ours.
 _RAY_KEYS = {
     "timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip",
     "done", "trial_id", "date", "experiment_tag", "config", "checkpoint_dir_name", "should_checkpoint",
-    "iterations_since_restore", "time_since_restore", "experiment_id", "final",
+    "iterations_since_restore", "time_since_restore", "experiment_id", "final", "node_id",
 }
 GRID_KEY = "trial"
 ENV_FORWARD = ("HF_HUB_OFFLINE", "LAMBDA_COMPAT_CACHE", "LAMBDA_COMPAT_DATA", "LAMBDA_COMPAT_FAULT")
@@ -132,11 +132,20 @@ def run_one(config: dict[str, Any], features: FeatureStore) -> None:
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         tune.report({**metrics, "epoch": epoch, "final": 0})
 
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
+    done = tune.get_checkpoint()
+    if done is not None:  # restored after its final report: re-report, don't retrain
+        with done.as_directory() as folder:
+            final = json.loads((Path(folder) / "metrics.json").read_text())
+        tune.report({**final, **node}, checkpoint=done)
+        return
     result = run_trial(trial_config(config), data, on_epoch=on_epoch)
+    final = {**result.metrics, "final": 1}
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(result.state, Path(tmp) / "adapters.pt")
         (Path(tmp) / "curves.json").write_text(json.dumps(result.curves))
-        tune.report({**result.metrics, "final": 1}, checkpoint=tune.Checkpoint.from_directory(tmp))
+        (Path(tmp) / "metrics.json").write_text(json.dumps(final))
+        tune.report({**final, **node}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def _inject_fault(config: dict[str, Any]) -> None:
@@ -183,16 +192,27 @@ class MLflowCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cfg = unwrap(trial.config)
-        self.tracker.start_trial(trial.trial_id, trial_name(cfg), trial_params(cfg), trial_tags(cfg))
+        self.tracker.start_trial(trial_key(trial.config, trial.trial_id), trial_name(cfg), trial_params(cfg),
+                                 {**trial_tags(cfg), RAY_TRIAL_TAG: trial.trial_id})
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.tracker.log_metrics(trial.trial_id, metrics_of(result), step=int(result.get("training_iteration", 0)))
+        key = trial_key(trial.config, trial.trial_id)
+        self.tracker.log_metrics(key, metrics_of(result), step=int(result.get("training_iteration", 0)))
+        if "node_id" in result:
+            self.tracker.set_tag(key, NODE_TAG, str(result["node_id"]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        finish_from_checkpoint(self.tracker, trial.trial_id, trial.checkpoint, trial.last_result or {})
+        finish_from_checkpoint(self.tracker, trial_key(trial.config, trial.trial_id), trial.checkpoint,
+                               trial.last_result or {})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracker.fail_trial(trial.trial_id, _error_text(trial))
+        self.tracker.fail_trial(trial_key(trial.config, trial.trial_id), _error_text(trial))
+
+
+def trial_key(config: dict[str, Any], ray_trial_id: str) -> str:
+    """The identity of a trial across resumes: its name for grid points (unique, and stable even if
+    Ray's experiment state was lost), Ray's trial id for searcher-proposed trials."""
+    return trial_name(unwrap(config)) if GRID_KEY in config else ray_trial_id
 
 
 def finish_from_checkpoint(tracker: StudyTracker, trial_id: str, checkpoint: Any, last: dict[str, Any]) -> None:
@@ -278,6 +298,9 @@ def make_tuner(
         run_config=tune.RunConfig(
             name=experiment, storage_path=storage, callbacks=[MLflowCallback(tracker)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            # num_to_keep forces an experiment snapshot after each trial's final checkpoint,
+            # so a killed driver does not rerun trials that had finished.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             progress_reporter=_reporter(spec, total), verbose=1,
         ),
     )

@@ -208,6 +208,14 @@ def test_errors_name_the_argument():
         retrieval(np.full((4, 2), np.nan), x, y, y, leave_one_out=False)
 
 
+def test_metric_names_are_checked():
+    old, new, y = _pair(n=20)
+    with pytest.raises(ValueError, match="`metric`"):
+        backfill_curve(new, old, new, y, np.arange(20), metric="map")
+    with pytest.raises(ValueError, match="`metric`"):
+        compatibility_matrix([old, new], [old, new], y, metric="top0")
+
+
 # --------------------------------------------------------------------------
 # backfilling
 # --------------------------------------------------------------------------

@@ -91,28 +91,53 @@ def test_failed_trial_is_a_failed_child_and_exit_code_3(tmp_path: Path) -> None:
     assert status["orthogonal"].info.status == status["lambda"].info.status == "FINISHED"
 
 
-def test_driver_killed_then_resumed_has_no_duplicates(tmp_path: Path) -> None:
+def _start(workdir: Path) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "study" / "run.py"), "--space", str(SMOKE), "--num-cpus", "2",
-           "--storage", str(tmp_path / "ray_results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:   # kill once at least one trial has finished
-            if (tmp_path / "mlflow.db").exists():
-                try:
-                    if any(r.info.status == "FINISHED" for r in children(tmp_path)):
-                        break
-                except Exception:  # noqa: BLE001 - the experiment may not exist yet
-                    pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("no trial finished within 300 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+           "--storage", str(workdir / "ray_results"), "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
+    return subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(workdir: Path, proc: subprocess.Popen, n_finished: int, timeout: float = 300) -> None:
+    """Wait until `n_finished` trials are FINISHED in MLflow (0: until the study run exists)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the study ended before the fault could be injected"
+        try:
+            if n_finished == 0 and parents(workdir):
+                return
+            if n_finished and sum(r.info.status == "FINISHED" for r in children(workdir)) >= n_finished:
+                return
+        except Exception:  # noqa: BLE001 - database or experiment not created yet
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"{n_finished} trial(s) did not finish within {timeout} s")
+
+
+def test_killed_three_times_and_interrupted_then_resumed(tmp_path: Path, finished_study: Path) -> None:
+    """SIGKILL at study start and after the last trial, Ctrl-C after the first: resume loses and doubles nothing."""
+    for moment, sig in ((0, signal.SIGKILL), (1, signal.SIGINT), (N_SMOKE_TRIALS, signal.SIGKILL)):
+        proc = _start(tmp_path)
+        try:
+            _wait_for(tmp_path, proc, moment)
+            if sig == signal.SIGINT:
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=120)
+                assert proc.returncode == 130, err[-2000:]
+                assert "rerun the same command to resume" in err
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
     done = run_cli(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = children(tmp_path)
     names = Counter(r.info.run_name for r in runs)
     assert len(runs) == N_SMOKE_TRIALS and set(names.values()) == {1}, names
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert [p.info.status for p in parents(tmp_path)] == ["FINISHED"]
+    # Same results as the uninterrupted study (training is deterministic on the CPU for a seed).
+    reference = {r.info.run_name: r.data.metrics for r in children(finished_study)}
+    for run in runs:
+        for key in ("B/old/top1", "B/B/top1", "zs/mean", "backfill/auc_paper"):
+            assert run.data.metrics[key] == pytest.approx(reference[run.info.run_name][key], abs=1e-6)

@@ -1,0 +1,143 @@
+"""Feature cache: miss then hit, one extraction across processes, corruption detected."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import backbones
+from backbones import _extract as extract_module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on 2 shared cores, two spinning threads run many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+BACKBONE, DATASET, SPLIT = "tf_efficientnet_lite0", "digits", "test"  # 359 images at 32 px
+
+
+def _extract(cache: Path, **kw: Any) -> backbones.Features:
+    return backbones.extract(BACKBONE, DATASET, SPLIT, cache_dir=cache, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, backbones.Features]:
+    """One real extraction; tests copy its cache instead of extracting again."""
+    cache = tmp_path_factory.mktemp("pristine-cache")
+    return cache, _extract(cache)
+
+
+def test_miss_then_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = backbones.extraction_count()
+    first = _extract(tmp_path)
+    assert backbones.extraction_count() == before + 1 and first.meta["from_cache"] is False
+    assert first.x.dtype == np.float32 and first.x.shape == (359, 1280)
+    assert first.y.dtype == np.int64 and first.y.shape == (359,)
+    assert first.meta["resolution"] == backbones.dataset_cfg(DATASET).resolution
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cache hit must not load the data set or build the model")
+
+    monkeypatch.setattr(extract_module, "load_dataset", forbidden)
+    monkeypatch.setattr(extract_module, "load", forbidden)
+    second = _extract(tmp_path)
+    assert backbones.extraction_count() == before + 1 and second.meta["from_cache"] is True
+    assert np.array_equal(first.x, second.x) and np.array_equal(first.y, second.y)
+    assert "from_cache" not in json.loads((Path(second.meta["path"]) / "meta.json").read_text())
+
+
+def test_key_depends_on_weights(pristine: tuple[Path, backbones.Features], tmp_path: Path) -> None:
+    cache, feats = pristine
+    shutil.copytree(cache, tmp_path, dirs_exist_ok=True)
+    bb = backbones.load(BACKBONE)
+    hit = backbones.extract(bb, DATASET, SPLIT, cache_dir=tmp_path, progress=False)
+    assert hit.meta["from_cache"] is True and hit.meta["weights_id"] == bb.weights_id
+    other = replace(bb, weights_id="0" * 16)  # stands in for different weights
+    miss = backbones.extract(other, DATASET, SPLIT, cache_dir=tmp_path, progress=False)
+    assert miss.meta["from_cache"] is False and miss.meta["path"] != hit.meta["path"]
+
+
+def _worker(cache: str, barrier: Any, results: Any) -> None:
+    torch.set_num_threads(1)
+    barrier.wait()
+    f = backbones.extract(BACKBONE, DATASET, SPLIT, cache_dir=cache, progress=False)
+    results.put((backbones.extraction_count(), f.meta["from_cache"], float(f.x.sum())))
+
+
+def test_two_processes_extract_once(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path), barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(count for count, _, _ in got) == [0, 1]
+    assert sorted(hit for _, hit, _ in got) == [False, True]
+    assert got[0][2] == got[1][2]
+
+
+def _truncate(entry: Path) -> str:
+    f = entry / "x.npy"
+    f.write_bytes(f.read_bytes()[:-1000])
+    return "x.npy"
+
+
+def _flip_byte(entry: Path) -> str:
+    f = entry / "y.npy"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x01
+    f.write_bytes(bytes(data))
+    return "y.npy"
+
+
+def _drop_meta(entry: Path) -> str:
+    (entry / "meta.json").unlink()
+    return "meta.json is missing"
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _flip_byte, _drop_meta], ids=["truncated", "flipped", "no-meta"])
+def test_corruption_is_detected_and_reextracted(
+    corrupt: Any, pristine: tuple[Path, backbones.Features], tmp_path: Path
+) -> None:
+    cache, good = pristine
+    shutil.copytree(cache, tmp_path, dirs_exist_ok=True)
+    entry = Path(good.meta["path"].replace(str(cache), str(tmp_path)))
+    what = corrupt(entry)
+    before = backbones.extraction_count()
+    with pytest.warns(backbones.CacheWarning, match=what) as record:
+        again = _extract(tmp_path)
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert backbones.extraction_count() == before + 1 and again.meta["from_cache"] is False
+    assert np.array_equal(again.x, good.x) and np.array_equal(again.y, good.y)
+    assert _extract(tmp_path).meta["from_cache"] is True  # repaired
+
+
+def test_cache_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAMBDA_COMPAT_CACHE", str(tmp_path / "env"))
+    assert backbones.cache_root() == tmp_path / "env"
+    assert backbones.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("LAMBDA_COMPAT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert backbones.cache_root() == tmp_path / "xdg" / "lambda-compat"
+
+
+def test_unknown_split_fails_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(backbones.UnknownNameError, match="Valid splits: test, train"):
+        backbones.extract(BACKBONE, DATASET, "validation", cache_dir=tmp_path)
+    assert not (tmp_path / "features").exists()

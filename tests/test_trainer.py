@@ -1,0 +1,102 @@
+"""The trainer: epoch means, determinism, divergence, one exp(P) per step."""
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+import torch
+
+from study.adapters import make_backward
+from study.trainer import DivergedError, resolve_device, train
+from study.trial import TrialData, run_trial
+
+torch.set_num_threads(1)
+
+
+def _tiny(seed=0, N=96, d=6, n=8):
+    rng = np.random.default_rng(seed)
+    y = np.arange(2 * N) % 4
+    old = rng.normal(size=(4, d))[y] + rng.normal(size=(2 * N, d))
+    new = np.concatenate([old, old[:, : n - d] ** 2], axis=1) + 0.1 * rng.normal(size=(2 * N, n))
+    part = lambda a, s: NS(x=a[s].astype(np.float32), y=y[s])  # noqa: E731
+    tr, ev = slice(0, N), slice(N, 2 * N)
+    zs = NS(x=rng.normal(size=(40, n)).astype(np.float32), y=np.arange(40) % 4)
+    return TrialData(part(old, tr), part(new, tr), part(old, ev), part(new, ev), {"z": zs})
+
+
+FAST = dict(epochs=4, batch_size=32, lr=1e-2, num_threads=1, backfill_points=3, eval_every=2)
+
+
+def test_epoch_means_are_sample_weighted_and_reported_each_epoch():
+    p = torch.nn.Parameter(torch.zeros(()))
+    seen = []
+
+    def loss(idx):  # mean index of the batch: the epoch mean must be the mean of 0..N-1 whatever the batching
+        return {"loss/total": idx.float().mean() + 0 * p, "loss/other": idx.float().max()}
+
+    hist = train([p], loss, 10, epochs=3, batch_size=4, on_epoch=lambda e, m: seen.append((e, dict(m))))
+    assert [e for e, _ in seen] == [1, 2, 3]
+    assert all(h["loss/total"] == pytest.approx(4.5) for h in hist)
+    assert all(h["epoch"] == float(i + 1) for i, h in enumerate(hist))
+
+
+def test_nan_loss_raises_diverged_naming_the_epoch():
+    p = torch.nn.Parameter(torch.ones(()))
+    calls = {"n": 0}
+
+    def loss(idx):
+        calls["n"] += 1
+        bad = calls["n"] > 2 * 3  # 3 batches per epoch: NaN from epoch 3 on
+        return {"loss/total": p * (float("nan") if bad else 1.0)}
+
+    with pytest.raises(DivergedError, match=r"^diverged at epoch 3: loss/total = nan") as info:
+        train([p], loss, 9, epochs=5, batch_size=3)
+    assert info.value.epoch == 3
+
+
+def test_run_trial_diverges_with_a_huge_learning_rate():
+    cfg = dict(FAST, method="affine", lr=1e30, normalize=False)
+    with pytest.raises(DivergedError, match=r"diverged at epoch \d+"):
+        run_trial(cfg, _tiny())
+
+
+def test_same_seed_gives_identical_results_other_seed_does_not():
+    data = _tiny()
+    cfg = dict(FAST, method="lambda", lam=0.5, init="torch")
+    a, b = run_trial(dict(cfg, seed=1), data), run_trial(dict(cfg, seed=1), data)
+    c = run_trial(dict(cfg, seed=2), data)
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    np.testing.assert_equal(strip(a.metrics), strip(b.metrics))
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    assert a.curves == b.curves
+    assert not torch.equal(a.state["B.weight"], c.state["B.weight"])
+
+
+def test_orthogonal_matrix_exponential_once_per_step(monkeypatch):
+    calls = {"n": 0}
+    real = torch.matrix_exp
+
+    def counting(A):
+        calls["n"] += 1
+        return real(A)
+
+    monkeypatch.setattr(torch, "matrix_exp", counting)
+    B = make_backward("orthogonal", 5)
+    x = torch.randn(20, 5)
+
+    def loss(idx):  # B called three times per step
+        out = B(x[idx])
+        return {"loss/total": (out - x[idx]).pow(2).sum() + B(x[idx]).sum() * 0 + B(x[idx]).mean() * 0}
+
+    calls["n"] = 0
+    train(B.parameters(), loss, 20, epochs=2, batch_size=5)
+    assert calls["n"] == 2 * 4
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="using the CPU"):
+            assert resolve_device("cuda") == torch.device("cpu")
