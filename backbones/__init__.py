@@ -8,8 +8,7 @@
 Registries are data (`_registry.py`, entries in `_zoo.py` and `_datasets.py`);
 the modules behind them are private.
 """
-from . import _datasets as _datasets  # registers the data sets
-from . import _zoo as _zoo  # registers the backbones
+from . import _datasets, _zoo  # noqa: F401  (importing them registers the entries)
 from ._cache import CacheWarning, cache_root
 from ._datasets import ImageSet, data_root, load_dataset
 from ._extract import EXTRACTOR_VERSION, Features, extract, extraction_count

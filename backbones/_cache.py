@@ -43,14 +43,6 @@ def content_key(material: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, fsync, then os.replace it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,33 +80,38 @@ class CacheEntry:
     def read(self, *, warn: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
         """(x, y, meta) if the entry exists and verifies, else None; with `warn`, a
         CacheWarning naming the file when something was there but failed."""
-        meta, problem = self._verify()
-        if meta is not None:
-            x, y = (np.load(self.path / f"{a}.npy", allow_pickle=False) for a in _ARRAYS)
-            if x.shape == tuple(meta["x_shape"]) and y.shape == tuple(meta["y_shape"]):
-                return x, y, meta
-            problem = f"{self.path / 'x.npy'}: shape differs from its meta.json"
+        got, problem = self._load()
         if problem and warn:
             warnings.warn(f"feature cache: {problem}; re-extracting", CacheWarning, stacklevel=3)
-        return None
+        return got
 
-    def _verify(self) -> tuple[dict[str, Any] | None, str]:
-        """(meta, "") if sound; (None, "") if simply absent; else (None, a one-line fault)."""
+    def _load(self) -> tuple[tuple[np.ndarray, np.ndarray, dict[str, Any]] | None, str]:
+        """(arrays and meta, "") if sound; (None, "") if absent; else (None, a one-line fault).
+
+        Each file is read once: its bytes are checksummed, then parsed.
+        """
         if not self.meta_path.is_file():
             present = [p for p in (self.path / f"{a}.npy" for a in _ARRAYS) if p.exists()]
             return None, (f"{present[0]}: its meta.json is missing" if present else "")
         try:
             meta = json.loads(self.meta_path.read_text())
-            sums = meta["sha256"]
+            sums, shapes = dict(meta["sha256"]), (meta["x_shape"], meta["y_shape"])
         except (ValueError, KeyError, TypeError):
             return None, f"{self.meta_path}: unreadable"
-        for a in _ARRAYS:
+        arrays = []
+        for a, shape in zip(_ARRAYS, shapes):
             f = self.path / f"{a}.npy"
-            if not f.is_file():
+            try:
+                data = f.read_bytes()
+            except FileNotFoundError:
                 return None, f"{f}: missing"
-            if _sha256_file(f) != sums.get(f"{a}.npy"):
+            if hashlib.sha256(data).hexdigest() != sums.get(f"{a}.npy"):
                 return None, f"{f}: checksum mismatch (truncated or altered)"
-        return meta, ""
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            if list(arr.shape) != list(shape):
+                return None, f"{f}: shape {list(arr.shape)} differs from its meta.json"
+            arrays.append(arr)
+        return (arrays[0], arrays[1], meta), ""
 
     def write(self, x: np.ndarray, y: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
         """Store arrays then meta (with checksums and shapes); returns the stored meta."""

@@ -71,8 +71,8 @@ def extract(
     else:
         bb = None
         bcfg = backbone_cfg(backbone_or_name)
-        wid = weights_id(bcfg.name, cache_dir=cache_dir)
         dev = torch.device(device) if device is not None else _default_device()
+        wid = weights_id(bcfg.name, cache_dir=cache_dir, device=dev)
     prep = preprocess_for(bcfg, input_resolution(bcfg, dcfg))
     material = {
         "extractor_version": EXTRACTOR_VERSION,

@@ -135,10 +135,11 @@ def _weights_memo_key(cfg: BackboneCfg, cache_dir: PathLike | None) -> tuple[obj
     return (cfg,)
 
 
-def weights_id(name: str, *, cache_dir: PathLike | None = None) -> str:
+def weights_id(name: str, *, cache_dir: PathLike | None = None, device: str | torch.device = "cpu") -> str:
     """`load(name).weights_id` without building the model where the weights file suffices.
 
-    Memoized per process by the weights file's path, size and mtime.
+    Memoized per process by the weights file's path, size and mtime. A trained
+    entry without a checkpoint is trained first (on `device`).
     """
     cfg = backbone_cfg(name)
     key = _weights_memo_key(cfg, cache_dir)
@@ -148,9 +149,9 @@ def weights_id(name: str, *, cache_dir: PathLike | None = None) -> str:
         assert cfg.weights_package is not None
         digest = state_dict_digest(load_package_weights(cfg.weights_package))
     elif cfg.train is not None:
-        digest = ensure_checkpoint(cache_root(cache_dir), cfg.train)[1]["digest"]
+        digest = ensure_checkpoint(cache_root(cache_dir), cfg.train, device=device)[1]["digest"]
         key = _weights_memo_key(cfg, cache_dir)  # the file exists now
     else:
-        digest = load(name, cache_dir=cache_dir).weights_id
+        digest = load(name, device, cache_dir=cache_dir).weights_id
     _WEIGHTS_IDS[key] = digest
     return digest

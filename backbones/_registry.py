@@ -26,7 +26,7 @@ class TrainCfg:
     classes: tuple[int, ...]  # labels trained on ("old" sees a subset, "new" all)
     seed: int  # seeds weight init and batch order: same seed, same weights
     embed_dim: int  # size of the Linear embedding after the pooled features
-    epochs: int = 3
+    epochs: int = 2
     image_size: int = 32  # square input side; small keeps CPU training fast
     in_chans: int = 1  # 1 for grayscale sets such as MNIST
     batch_size: int = 64
@@ -34,6 +34,7 @@ class TrainCfg:
     max_per_class: int | None = None  # cap on training images per class (tests)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))  # lists from JSON/YAML
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"`classes` must be distinct and non-empty, got {self.classes!r}")
         for name in ("epochs", "image_size", "in_chans", "batch_size", "embed_dim"):
@@ -92,9 +93,12 @@ class UnknownNameError(KeyError, ValueError):
         valid = sorted(valid, key=_natural_key)
         close = difflib.get_close_matches(str(name), valid, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else "."
-        self.kind, self.name, self.valid = kind, name, valid
+        self.kind, self.name, self.valid, self.where = kind, name, valid, where
         self.message = f"unknown {kind} {name!r}{where}{hint} Valid {kind}s: {', '.join(valid)}"
         super().__init__(self.message)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (Ray, multiprocessing)
+        return type(self), (self.kind, self.name, self.valid, self.where)
 
     def __str__(self) -> str:
         return self.message

@@ -6,7 +6,10 @@ one builder function and one entry.
 
 - ``orthogonal``: B = exp(P) with P skew-symmetric, no bias, through
   ``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map="matrix_exp")``.
-  Every angle and distance of the new space is preserved.
+  Every angle and distance of the new space is preserved. W = base @ exp(P)
+  never leaves the connected component of its init: from B = I only rotations
+  (det +1) are reachable. Without a bias it cannot absorb a mean offset between
+  the spaces (see `TrialConfig.center`).
 - ``affine``: B(x) = W x + b, unconstrained (the lambda = infinity end).
 - ``identity``: B(x) = x, nothing trained (FCT keeps the new features as they are).
 
@@ -25,7 +28,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal as _orthogonal_parametrization
 
 __all__ = [
@@ -170,8 +172,3 @@ def load_adapters(state: dict[str, Tensor]) -> tuple[nn.Linear | None, nn.Linear
         return lin.eval()
 
     return build("B"), build("F")
-
-
-def cached():
-    """Context in which a parametrized B computes exp(P) once (re-exported `parametrize.cached`)."""
-    return parametrize.cached()

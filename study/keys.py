@@ -19,6 +19,8 @@ and gallery; a query never retrieves its own image, even across models):
     B/old     B(h_new) vs h_old                    NaN without B
     B/B       B(h_new) vs B(h_new)                 NaN without B
 
+All rows use the trial's preprocessed features (L2-normalised by default,
+centred with `center=True`) and `TrialConfig.distance` (cosine by default).
 Whenever a new-side (n-dim) vector meets an old feature (d-dim) and d != n, both
 are truncated to their first min(d, n) coordinates (the paper's rule, applied
 to every comparison with old features, raw new/old included). For
@@ -31,20 +33,27 @@ Other final keys:
                                     (strict: a model that only matches old/old has gained nothing)
     ecc_margin/new/old, .../B/old   <row>/top1 - old/old/top1 (percentage points)
     gain/B/B                        B/B/top1 - new/new/top1
-    orth/B                          ||W^T W - I||_F of the trained B (0 for orthogonal and for fct's identity)
-    zs/<set>                        top1(B(new)/B(new)) - top1(new/new) on zero-shot set <set>
+    orth/B                          ||W^T W - I||_F of the trained B (~0 for orthogonal, 0 for fct's identity,
+                                    NaN for "independent")
+    zs/<set>                        top1(B(new)/B(new)) - top1(new/new) on zero-shot set <set>, each
+                                    leave-one-out within that set (NaN without B)
     zs/<set>/new_top1, zs/<set>/B_top1   the two top-1 values behind it
     zs/mean                         mean of zs/<set> over the sets (NaN without sets or without B)
     backfill/auc_paper              area under M(beta), beta in [0, 1], gallery backfilled in the paper's
-                                    order (largest distance of F(h_old) to its class mean first)
+                                    order (largest distance of F(h_old) to its class mean first); M is
+                                    `TrialConfig.backfill_metric` (default mAP), so the unit is percent
     backfill/auc_random             the same in a random order (FCT's), seeded by the config's seed
                                     (for "independent": queries h_new, h_old gallery turning into h_new)
     loss/total, loss/forward, loss/backward, loss/contrastive, loss/reg
                                     means over the last epoch's samples (NaN for "independent");
                                     forward = L_F (for fct: MSE of F(h_old) to h_new), backward = L_B,
                                     contrastive = L_C, reg = the regularizer before its weight
-    time/train_s, time/eval_s       wall-clock seconds
+    time/train_s, time/eval_s       wall-clock seconds: training (with its per-epoch cheap evals), final eval
     epoch                           number of epochs trained (0 for "independent")
+
+`TrialResult.curves` holds lists: `backfill/beta`, `backfill/paper`,
+`backfill/random` (M at each beta), the five `loss/*` per epoch, and the cheap
+eval keys with `eval_epoch` at each cheap evaluation.
 
 Per-epoch keys (what `on_epoch(epoch, metrics)` receives, what Ray Tune sees):
 `epoch`, the five `loss/*` keys (means over that epoch) and the cheap eval

@@ -10,7 +10,8 @@ Ray nor MLflow. The metric keys are documented in `study.keys`.
 
 Protocol (see `study.keys` for every key):
 1. Features are cast to float32 and, with `normalize=True` (default),
-   L2-normalised. The train split trains the adapters of the method
+   L2-normalised; with `center=True` each model's mean train feature is then
+   subtracted from all of its features (zero-shot sets included). The train split trains the adapters of the method
    (`study.config.METHODS`); "independent" trains nothing.
 2. On the evaluation split every row old/old ... B/B is scored leave-one-out
    (queries = gallery = the split's images; a query never retrieves its own
@@ -21,11 +22,12 @@ Protocol (see `study.keys` for every key):
    top1(B(new)/B(new)) - top1(new/new), and their mean.
 5. Partial backfilling on the evaluation split: queries B(h_new); the gallery
    starts as F(h_old) and items turn into B(h_new) in the paper's order (largest
-   distance of F(h_old) to its class mean first) or a random one (seeded by
-   `seed`); M = `backfill_metric` at `backfill_points` betas in [0, 1], and the
-   area under each curve. For "independent" the curve is computed with no
-   adapters: queries h_new, an h_old gallery turning into h_new (truncated to
-   min(d, n) dims when d != n).
+   distance of F(h_old) to its class mean first; with distance="cosine" measured
+   between L2-normalised F(h_old), the geometry retrieval uses) or a random one
+   (seeded by `seed`); M = `backfill_metric` (default mAP) at `backfill_points`
+   betas in [0, 1], and the area under each curve (`metrics.curve_area`). For
+   "independent" the curve is computed with no adapters: queries h_new, an h_old
+   gallery turning into h_new (truncated to min(d, n) dims when d != n).
 """
 from __future__ import annotations
 
@@ -95,7 +97,9 @@ class TrialData:
         for name, z in self.zero_shot.items():
             K.check_zero_shot_name(name)
             if np.asarray(z.x).shape[1] != self.n:
-                raise ValueError(f"zero-shot set {name!r} has dim {np.asarray(z.x).shape[1]}, new features have {self.n}")
+                raise ValueError(
+                    f"zero-shot set {name!r} has dim {np.asarray(z.x).shape[1]}, new features have {self.n}"
+                )
 
     @property
     def d(self) -> int:
@@ -123,10 +127,13 @@ class TrialResult:
 
 
 # ---------------------------------------------------------------------------
-def _tensor(features: Any, normalize: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+def _tensor(features: Any, normalize: bool, device: torch.device, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """float32 features on `device`, L2-normalised if asked, minus `shift` if given; int64 labels."""
     x = torch.as_tensor(np.asarray(features.x, dtype=np.float32), device=device)
     if normalize:
         x = Fn.normalize(x, dim=1)
+    if shift is not None:
+        x = x - shift
     y = torch.as_tensor(np.asarray(features.y).astype(np.int64), device=device)
     return x, y
 
@@ -205,11 +212,12 @@ class _Evaluator:
         return out
 
 
-def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None, device) -> dict[str, float]:
+def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None, device,
+               shift: Tensor | None) -> dict[str, float]:
     out: dict[str, float] = {}
     deltas = []
     for name, feats in zero_shot.items():
-        z, y = _tensor(feats, cfg.normalize, device)
+        z, y = _tensor(feats, cfg.normalize, device, shift)
         yn = y.cpu().numpy()
         new_top1 = float(metrics.retrieval(_np(z), _np(z), yn, yn, leave_one_out=True,
                                            distance=cfg.distance, topk=(1,))["top1"])
@@ -229,13 +237,20 @@ def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None
     return out
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
 def _backfill(cfg: TrialConfig, y: np.ndarray, query: np.ndarray, old_side: np.ndarray,
               new_side: np.ndarray) -> tuple[dict[str, float], dict[str, list[float]]]:
     curves: dict[str, list[float]] = {}
     out: dict[str, float] = {}
     for kind, key, curve_key in (("paper", K.BACKFILL_AUC_PAPER, K.CURVE_PAPER),
                                  ("random", K.BACKFILL_AUC_RANDOM, K.CURVE_RANDOM)):
-        order = metrics.backfill_order(old_side, y, kind=kind, seed=cfg.seed)
+        # the paper's order in the retrieval geometry: with cosine, distances between unit vectors
+        ordering_side = _unit(old_side) if cfg.distance == "cosine" else old_side
+        order = metrics.backfill_order(ordering_side, y, kind=kind, seed=cfg.seed)
         betas, values = metrics.backfill_curve(
             query, old_side, new_side, y, order, points=cfg.backfill_points,
             distance=cfg.distance, metric=cfg.backfill_metric,
@@ -268,8 +283,12 @@ def run_trial(
 
     old_tr, y_tr = _tensor(data.old_train, cfg.normalize, device)
     new_tr, _ = _tensor(data.new_train, cfg.normalize, device)
-    old_ev, y_ev = _tensor(data.old_eval, cfg.normalize, device)
-    new_ev, _ = _tensor(data.new_eval, cfg.normalize, device)
+    old_mu = new_mu = None
+    if cfg.center:  # the train split's means, applied to every split of the same model
+        old_mu, new_mu = old_tr.mean(0), new_tr.mean(0)
+        old_tr, new_tr = old_tr - old_mu, new_tr - new_mu
+    old_ev, y_ev = _tensor(data.old_eval, cfg.normalize, device, old_mu)
+    new_ev, _ = _tensor(data.new_eval, cfg.normalize, device, new_mu)
     evaluator = _Evaluator(cfg, old_ev, new_ev, y_ev)
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -330,7 +349,7 @@ def run_trial(
         out[K.ORTH] = 0.0
     else:
         out[K.ORTH] = float(orthogonality_deviation(B_eval.weight.double()))
-    out.update(_zero_shot(cfg, data.zero_shot, B_eval, device))
+    out.update(_zero_shot(cfg, data.zero_shot, B_eval, device, new_mu))
 
     y_np = evaluator.y
     if b_new is not None and f_old is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -54,6 +55,15 @@ def test_entry_facts_match_timm(name: str) -> None:
     assert model.num_features == cfg.dim
 
 
+def test_train_cfg_normalizes_and_validates() -> None:
+    cfg = backbones.TrainCfg("resnet18", "mnist", [0, 1], seed=0, embed_dim=8)  # type: ignore[arg-type]
+    assert cfg.classes == (0, 1) and hash(cfg)
+    with pytest.raises(ValueError, match="distinct"):
+        backbones.TrainCfg("resnet18", "mnist", (1, 1), seed=0, embed_dim=8)
+    with pytest.raises(ValueError, match="embed_dim"):
+        backbones.TrainCfg("resnet18", "mnist", (1,), seed=0, embed_dim=0)
+
+
 def test_trained_pair_is_a_class_extension() -> None:
     old, new = backbones.backbone_cfg("mnist_old").train, backbones.backbone_cfg("mnist_new").train
     assert old is not None and new is not None
@@ -70,6 +80,8 @@ def test_unknown_backbone_lists_valid_names() -> None:
     assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
     with pytest.raises(backbones.UnknownNameError, match="tf_efficientnet_lite0"):
         backbones.load("nope")
+    copy = pickle.loads(pickle.dumps(info.value))  # survives process boundaries (Ray, spawn)
+    assert type(copy) is backbones.UnknownNameError and str(copy) == msg
 
 
 @pytest.mark.parametrize("name", OFFLINE_PRETRAINED)

@@ -16,8 +16,6 @@ import torch
 import backbones
 from backbones import _registry, _train
 
-ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread() -> Iterator[None]:
@@ -94,15 +92,21 @@ def test_checkpoint_is_cached_and_verified(tmp_path: Path, monkeypatch: pytest.M
 def test_training_is_deterministic_in_and_across_processes(tmp_path: Path) -> None:
     cfg = backbones.TrainCfg("resnet18", "mnist", (0, 1, 2), seed=3, embed_dim=16, epochs=1, max_per_class=30)
     a = backbones.train(cfg, progress=False)
-    b = backbones.train(cfg, progress=False)
+    torch.set_num_threads(2)  # the caller's thread count must not matter
+    try:
+        b = backbones.train(cfg, progress=False)
+    finally:
+        torch.set_num_threads(1)
     assert a["digest"] == b["digest"]
+    assert torch.get_num_threads() == 1  # restored
     assert backbones.train(replace(cfg, seed=4), progress=False)["digest"] != a["digest"]
 
     out = tmp_path / "ckpt.pt"
     cmd = [sys.executable, "-m", "backbones", "train", "--arch", "resnet18", "--dataset", "mnist",
            "--classes", "0-2", "--seed", "3", "--embed-dim", "16", "--epochs", "1", "--max-per-class", "30",
            "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # another thread count than this process
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "epoch 1/1" in r.stderr  # progress output
     assert r.stdout.strip() == f"{out} digest {a['digest']}"

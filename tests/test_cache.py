@@ -141,3 +141,18 @@ def test_unknown_split_fails_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(backbones.UnknownNameError, match="Valid splits: test, train"):
         backbones.extract(BACKBONE, DATASET, "validation", cache_dir=tmp_path)
     assert not (tmp_path / "features").exists()
+
+
+def test_cli_extract_prints_the_cache_path(
+    pristine: tuple[Path, backbones.Features], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from backbones._cli import main
+
+    cache, good = pristine
+    shutil.copytree(cache, tmp_path, dirs_exist_ok=True)
+    assert main(["extract", "--backbone", BACKBONE, "--dataset", DATASET, "--split", SPLIT,
+                 "--cache-dir", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr()
+    path = Path(out.out.strip())
+    assert path == Path(good.meta["path"].replace(str(cache), str(tmp_path)))
+    assert (path / "meta.json").is_file() and "cached" in out.err

@@ -51,7 +51,8 @@ def test_split_is_fixed_stratified_and_disjoint() -> None:
 
 
 def test_known_sizes() -> None:
-    assert (len(backbones.load_dataset("mnist", "train")), len(backbones.load_dataset("mnist", "test"))) == (4000, 1000)
+    assert len(backbones.load_dataset("mnist", "train")) == 4000
+    assert len(backbones.load_dataset("mnist", "test")) == 1000
     assert len(backbones.load_dataset("digits", "train")) + len(backbones.load_dataset("digits", "test")) == 1797
     assert len(backbones.load_dataset("lfw_subset", "test")) == 40
 

@@ -67,10 +67,12 @@ def test_mlflow_holds_parent_and_finished_children(finished_study: Path) -> None
 
 def test_summary_table_has_expected_rows(finished_study: Path, tmp_path: Path) -> None:
     report = build_report(f"sqlite:///{finished_study / 'mlflow.db'}", "smoke", tmp_path)
-    assert [(r["method"], r["lambda"]) for r in report.rows] == [("orthogonal", ""), ("lambda", "6"), ("affine", "")]
+    assert [(r["method"], r["lambda"]) for r in report.rows] == [("orthogonal", ""), ("lambda", "1"), ("affine", "")]
     orth = report.rows[0]
     assert orth["zs/mean"][0] == pytest.approx(0.0, abs=1e-9)   # orthogonal B keeps the new space
     assert orth["orth/B"][0] == pytest.approx(0.0, abs=1e-3)
+    lam, affine = report.rows[1], report.rows[2]
+    assert orth["orth/B"][0] < lam["orth/B"][0] < affine["orth/B"][0]   # lambda = 1 binds below affine's deviation
 
 
 def test_rerun_of_a_finished_study_adds_nothing(finished_study: Path) -> None:

@@ -49,7 +49,8 @@ def test_config_unknown_key_suggests_and_lists():
 @pytest.mark.parametrize(
     "bad,pattern",
     [
-        ({"method": "lamda"}, r"`config\.method` = 'lamda' is not allowed; did you mean 'lambda'\? Allowed values: 'orthogonal'"),
+        ({"method": "lamda"},
+         r"`config\.method` = 'lamda' is not allowed; did you mean 'lambda'\? Allowed values: 'orthogonal'"),
         ({"method": "lambda"}, r"`config\.lam` is required for method 'lambda'"),
         ({"method": "affine", "distance": "cos"}, r"`config\.distance` .*Allowed values: 'cosine', 'l2'"),
         ({"method": "affine", "epochs": 2.5}, r"`config\.epochs` must be an integer"),
@@ -115,9 +116,9 @@ def test_backfill_curve_ends_match_the_rows(results):
     r = results[1]["lambda"]
     paper, rand, beta = r.curves["backfill/paper"], r.curves["backfill/random"], r.curves["backfill/beta"]
     assert beta == pytest.approx(list(np.linspace(0, 1, 5)))
-    for curve in (paper, rand):
-        assert curve[0] == pytest.approx(r.metrics["B/F/top1"])
-        assert curve[-1] == pytest.approx(r.metrics["B/B/top1"])
+    for curve in (paper, rand):  # M = mAP by default
+        assert curve[0] == pytest.approx(r.metrics["B/F/mAP"])
+        assert curve[-1] == pytest.approx(r.metrics["B/B/mAP"])
     assert r.metrics["backfill/auc_paper"] == pytest.approx(metrics.curve_area(beta, paper))
 
 
@@ -216,3 +217,14 @@ def test_science_modules_import_neither_ray_nor_mlflow(module):
         assert {"torch", "numpy", "study"} <= found
     else:  # cheap to import for the spec parser and the CLI
         assert "torch" not in found
+
+
+def test_center_shifts_every_split_by_the_train_mean():
+    data = _data()
+    r = run_trial(dict(FAST, method="orthogonal", center=True), data)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    mu = unit(data.old_train.x).mean(0)
+    y = data.old_eval.y
+    ref = metrics.retrieval(unit(data.old_eval.x) - mu, unit(data.old_eval.x) - mu, y, y, leave_one_out=True)
+    assert r.metrics["old/old/mAP"] == pytest.approx(ref["mAP"], rel=1e-6)
+    assert r.metrics["zs/z1"] == 0.0  # still the same (centred) new space: orthogonal B keeps it

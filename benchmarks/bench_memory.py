@@ -1,0 +1,289 @@
+"""Benchmark: do concurrent trials on one node share one copy of the features? (issue 5, item 4)
+
+Four runs, each in a fresh private Ray session (`--num-cpus` CPUs, 1 CPU per trial):
+
+  idle x1, idle x2   a Tune function trainable that imports what a trial imports (torch,
+                     study.trial) and sleeps: the framework baseline, no features
+  one, pair          the project's path (study.tune.make_tuner: features through
+                     tune.with_parameters, the MLflow callback to a temp SQLite DB) with 1
+                     and 2 concurrent trials on random features large enough to dominate
+                     (default old + new train 50,000 x 1024 float32 = 2 x 200 MB)
+
+A thread samples memory of the driver and every process below it (Ray's processes and
+workers) every `--interval` s; the peak of each sum over a run is kept. Two accountings:
+
+  PSS total    sum of PSS over driver + all Ray processes. PSS splits every shared page
+               among the processes that map it, so the object store's pages (mapped by
+               the driver that wrote them and by every worker that reads them) count once
+               in the sum, however many processes map them.
+  USS + store  sum of USS (memory private to a process) over Ray worker processes, plus
+               the bytes put in the object store (the features, once). Private copies a
+               trial makes show up in USS; zero-copy reads of the store do not.
+
+ratio = (pair - idle x2) / (one - idle x1), target <= 1.3 (one copy shared: ~1.0 plus each
+trial's own working memory; a private copy per trial: ~2). RSS sums are shown for
+reference only (they count every shared page once per process).
+
+    python benchmarks/bench_memory.py            # 50,000 x 1024, 1 epoch affine
+    python benchmarks/bench_memory.py --quick    # 20,000 x 1024
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+TARGET = 1.3
+MiB = 2**20
+
+SPACE = """\
+name: {name}
+pairs:
+  - {{old: densenet121, new: vit_large_patch16_224}}
+datasets:
+  - {{name: mnist, train: train, eval: test}}
+methods: [{method}]
+lambdas: [12]
+alpha: 10
+seeds: [{seeds}]
+train: {{epochs: {epochs}, batch_size: {batch}}}
+resources: {{cpu: 1, gpu: 0}}
+max_failures: 0
+"""
+
+
+def idle_trial(config):
+    """Framework baseline: a trial's imports, no features; holds for config['hold'] seconds."""
+    import time as _t
+
+    import torch  # noqa: F401
+    from ray import tune as _tune
+
+    import study.trial  # noqa: F401
+
+    _t.sleep(float(config["hold"]))
+    _tune.report({"done_idle": 1})
+
+
+class Sampler:
+    """Samples memory of this process and all its descendants in a thread; keeps the peaks."""
+
+    def __init__(self, interval: float) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.me = psutil.Process()
+        self.interval = interval
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> dict:
+        ps = self.psutil
+        tot = {"pss": 0, "uss": 0, "rss": 0, "workers_uss": 0, "workers_pss": 0, "workers_rss": 0, "workers": 0}
+        procs = []
+        for p in [self.me] + self.me.children(recursive=True):
+            try:
+                mi = p.memory_full_info()
+                cmd = p.cmdline()
+            except (ps.NoSuchProcess, ps.AccessDenied, ps.ZombieProcess, OSError):
+                continue
+            tot["pss"] += mi.pss
+            procs.append([p.pid, (cmd[0] if cmd else p.name())[:60], round(mi.pss / MiB, 1), round(mi.uss / MiB, 1),
+                          round(mi.rss / MiB, 1)])
+            tot["uss"] += mi.uss
+            tot["rss"] += mi.rss
+            if cmd and cmd[0].startswith("ray::"):
+                tot["workers"] += 1
+                tot["workers_uss"] += mi.uss
+                tot["workers_pss"] += mi.pss
+                tot["workers_rss"] += mi.rss
+        tot["t"] = time.perf_counter()
+        tot["procs"] = procs
+        return tot
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self.sample())
+
+    def peaks(self) -> dict:
+        keys = ("pss", "uss", "rss", "workers_uss", "workers_pss", "workers_rss", "workers")
+        out = {k: max(s[k] for s in self.samples) for k in keys}
+        # per process at the PSS peak: [pid, command, PSS MiB, USS MiB, RSS MiB]
+        out["procs_at_pss_peak"] = max(self.samples, key=lambda s: s["pss"])["procs"]
+        return out
+
+
+def run_idle(k: int, hold: float, work: Path, interval: float, num_cpus: int) -> dict:
+    from ray import tune
+
+    with C.private_ray(num_cpus):
+        time.sleep(2.0)
+        base = Sampler(interval).sample()
+        base.pop("procs")
+        with Sampler(interval) as s:
+            tune.Tuner(tune.with_resources(idle_trial, {"cpu": 1}),
+                       param_space={"hold": hold, "i": tune.grid_search(list(range(k)))},
+                       tune_config=tune.TuneConfig(reuse_actors=True),
+                       run_config=tune.RunConfig(name=f"idle{k}", storage_path=str(work / "ray_results"),
+                                                 verbose=0)).fit()
+    return {"config": f"idle x{k}", "trials": k, "store_bytes": 0, "session_idle": base, "peak": s.peaks(),
+            "seconds": s.samples[-1]["t"] - s.samples[0]["t"], "series": _series(s.samples)}
+
+
+def run_trials(k: int, args, work: Path) -> dict:
+    from study import tune as st
+    from study.cli import reconcile
+    from study.tracking import StudyTracker
+
+    seeds = ", ".join(str(i) for i in range(k))
+    spec = C.spec_from_yaml(SPACE.format(name=f"bench-memory-{k}", method=args.method, seeds=seeds,
+                                         epochs=args.epochs, batch=args.batch_size), work, f"memory{k}.yaml")
+    tracker = StudyTracker(f"sqlite:///{work / 'mlflow.db'}", f"bench-memory-{k}")
+    tracker.start_study(params={"bench": "memory"}, tags={})
+    with C.private_ray(args.num_cpus):
+        time.sleep(2.0)
+        base = Sampler(args.interval).sample()
+        base.pop("procs")
+        exp = st.experiments(spec)[0]
+
+        def build():   # the features live only in the object store once make_tuner has put them
+            store = C.feature_store(spec, {("mnist", "train"): args.n, ("mnist", "test"): args.n_eval})
+            nbytes = sum(x.nbytes + y.nbytes for x, y in store.values())
+            tuner = st.make_tuner(spec, exp["param_space"], store, tracker, experiment=f"memory{k}",
+                                  storage=str(work / "ray_results"), search_alg=None, num_samples=1,
+                                  max_concurrent=None, total=exp["total"])
+            return tuner, nbytes
+
+        tuner, nbytes = build()
+        with Sampler(args.interval) as s:
+            results = tuner.fit()
+        failed, finished = reconcile(results, tracker)
+        if failed or finished != k:
+            raise RuntimeError(f"memory run x{k}: {failed} failed, {finished} finished")
+    starts = sorted(r.metrics.get("timestamp", 0) for r in results)
+    return {"config": f"{'one' if k == 1 else 'pair' if k == 2 else k}", "trials": k, "store_bytes": nbytes,
+            "session_idle": base, "peak": s.peaks(), "seconds": s.samples[-1]["t"] - s.samples[0]["t"],
+            "max_concurrent_workers": s.peaks()["workers"], "final_timestamps": starts,
+            "series": _series(s.samples)}
+
+
+def _series(samples: list[dict], keep: int = 200) -> list[list[float]]:
+    step = max(1, len(samples) // keep)
+    t0 = samples[0]["t"]
+    return [[round(x["t"] - t0, 2), round(x["pss"] / MiB, 1), round(x["workers_uss"] / MiB, 1), x["workers"]]
+            for x in samples[::step]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=50_000, help="train rows of old and new features")
+    ap.add_argument("--dim", type=int, default=1024, help="feature dim (densenet121 -> vit_large: 1024 both)")
+    ap.add_argument("--n-eval", type=int, default=2000, help="eval rows (small: evaluation is not the point)")
+    ap.add_argument("--method", default="affine")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--interval", type=float, default=0.25, help="sampling period, s")
+    ap.add_argument("--hold", type=float, default=8.0, help="seconds an idle trial holds")
+    ap.add_argument("--quick", action="store_true", help="n = 20,000")
+    ap.add_argument("--out", default=str(C.RESULTS / "memory.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n = 20_000
+    if args.dim != 1024:
+        raise SystemExit("--dim: the space's backbones are 1024-d; only 1024 is supported")
+
+    C.setup_env(fresh_cache=True)
+    import mlflow  # noqa: F401  - the driver's imports, before any measurement
+    import psutil  # noqa: F401
+    import torch  # noqa: F401
+
+    import study.trial  # noqa: F401
+    from study import tune as st  # noqa: F401
+
+    work = Path(tempfile.mkdtemp(prefix="lambda-compat-bench-memory-"))
+    load_before = os.getloadavg()
+    runs = [run_idle(1, args.hold, work, args.interval, args.num_cpus), run_trials(1, args, work),
+            run_idle(2, args.hold, work, args.interval, args.num_cpus), run_trials(2, args, work)]
+    load_after = os.getloadavg()
+    by = {r["config"]: r for r in runs}
+
+    def ratio(metric) -> dict:
+        one = metric(by["one"]) - metric(by["idle x1"])
+        pair = metric(by["pair"]) - metric(by["idle x2"])
+        return {"one_mib": one / MiB, "pair_mib": pair / MiB, "ratio": pair / one if one > 0 else None}
+
+    acct = {
+        "PSS total": ratio(lambda r: r["peak"]["pss"]),
+        "USS workers + store": ratio(lambda r: r["peak"]["workers_uss"] + r["store_bytes"]),
+        "RSS total (reference)": ratio(lambda r: r["peak"]["rss"]),
+    }
+    ok = acct["PSS total"]["ratio"] is not None and acct["PSS total"]["ratio"] <= TARGET
+    store_mib = by["one"]["store_bytes"] / MiB
+    result = {
+        "benchmark": "memory",
+        "params": {k: getattr(args, k) for k in ("n", "dim", "n_eval", "method", "epochs", "batch_size", "num_cpus",
+                                                   "interval", "hold", "quick")},
+        "task": "peak memory of 1 and 2 concurrent project trials on one node, minus idle-trial baselines",
+        "features_mib": store_mib,
+        "runs": runs,
+        "accountings": acct,
+        "target": {"ratio_max": TARGET, "met": ok},
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "machine": C.machine_info(),
+        "notes": [
+            "PSS total: driver + every Ray process (raylet, gcs, workers); shared pages split among mappers, "
+            "so the object store's copy counts once. The target is judged on it.",
+            "USS workers + store: private memory of Ray worker processes + the features' bytes once.",
+            "idle trials import torch and study.trial and sleep: the per-trial framework cost is in the "
+            "baseline, the features and what a trial does with them are not.",
+            "pair: 2 trials with 1 CPU each on 2 CPUs run concurrently (see max_concurrent_workers).",
+            "series: [t s, PSS total MiB, workers USS MiB, worker processes], downsampled.",
+        ],
+    }
+    out = C.write_result(result, args.out)
+    shutil.rmtree(work, ignore_errors=True)
+
+    m = result["machine"]
+    print()
+    print(f"features {store_mib:.0f} MiB in the object store (old + new, train {args.n} x {args.dim} + eval "
+          f"{args.n_eval}); {args.method}, {args.epochs} epoch(s); {C.header_line(m)}; "
+          f"load {load_before[0]:.1f} -> {load_after[0]:.1f}")
+    print()
+    print(C.markdown_table(
+        ["run", "trials", "peak PSS total MiB", "peak USS workers MiB", "peak RSS total MiB", "worker procs (max)",
+         "seconds"],
+        [[r["config"], r["trials"], C.fmt(r["peak"]["pss"] / MiB, ".0f"), C.fmt(r["peak"]["workers_uss"] / MiB, ".0f"),
+          C.fmt(r["peak"]["rss"] / MiB, ".0f"), r["peak"]["workers"], C.fmt(r["seconds"], ".1f")] for r in runs]))
+    print()
+    print(C.markdown_table(
+        ["accounting", "one - idle x1 MiB", "pair - idle x2 MiB", "pair / one", "target <= 1.3"],
+        [[k, C.fmt(v["one_mib"], ".0f"), C.fmt(v["pair_mib"], ".0f"), C.fmt(v["ratio"], ".2f"),
+          C.verdict(v["ratio"] is not None and v["ratio"] <= TARGET) if k != "RSS total (reference)" else "-"]
+         for k, v in acct.items()]))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
