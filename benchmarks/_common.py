@@ -49,18 +49,23 @@ def setup_env(cache_dir: str | None = None, *, fresh_cache: bool = False) -> Pat
 
 
 @contextlib.contextmanager
-def private_ray(num_cpus: int | None, num_gpus: int | None = None, **kwargs: Any) -> Iterator[None]:
-    """A new local Ray just for this process (address="local": never joins a running cluster),
-    started as `study.tune.init_ray` does (same env forwarding), shut down on exit."""
+def private_ray(num_cpus: int | None) -> Iterator[None]:
+    """A new local Ray just for this process, started by the project's own `study.tune.init_ray`
+    (its runtime env included), shut down on exit. RAY_ADDRESS=local while it starts: a local
+    ray.init() would otherwise join a cluster that `ray start` left running on this machine."""
     import ray
 
-    from study.tune import ENV_FORWARD
+    from study.tune import init_ray
 
-    env = {k: os.environ[k] for k in ENV_FORWARD if k in os.environ}
-    if env:
-        kwargs.setdefault("runtime_env", {"env_vars": env})
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             log_to_driver=True, **kwargs)
+    before = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"
+    try:
+        init_ray(None, num_cpus)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = before
     try:
         yield
     finally:

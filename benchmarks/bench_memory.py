@@ -3,7 +3,8 @@
 Four runs, each in a fresh private Ray session (`--num-cpus` CPUs, 1 CPU per trial):
 
   idle x1, idle x2   a Tune function trainable that imports what a trial imports (torch,
-                     study.trial) and sleeps: the framework baseline, no features
+                     study.trial), sleeps and reports once with a tiny checkpoint, as a
+                     trial does: the framework baseline, no features
   one, pair          the project's path (study.tune.make_tuner: features through
                      tune.with_parameters, the MLflow callback to a temp SQLite DB) with 1
                      and 2 concurrent trials on random features large enough to dominate
@@ -12,13 +13,14 @@ Four runs, each in a fresh private Ray session (`--num-cpus` CPUs, 1 CPU per tri
 A thread samples memory of the driver and every process below it (Ray's processes and
 workers) every `--interval` s; the peak of each sum over a run is kept. Two accountings:
 
-  PSS total    sum of PSS over driver + all Ray processes. PSS splits every shared page
-               among the processes that map it, so the object store's pages (mapped by
-               the driver that wrote them and by every worker that reads them) count once
-               in the sum, however many processes map them.
-  USS + store  sum of USS (memory private to a process) over Ray worker processes, plus
-               the bytes put in the object store (the features, once). Private copies a
-               trial makes show up in USS; zero-copy reads of the store do not.
+  USS + store  (judged) sum of USS (memory private to a process) over Ray worker
+               processes, plus the bytes put in the object store (the features, once).
+               Private copies a trial makes show up in USS; zero-copy reads of the store
+               do not (they are shared pages).
+  PSS total    (cross-check) sum of PSS over driver + all Ray processes. PSS splits every
+               shared page among the processes that map it, so the object store's pages
+               count once however many processes map them; the driver's own drift between
+               runs makes it noisier.
 
 ratio = (pair - idle x2) / (one - idle x1), target <= 1.3 (one copy shared: ~1.0 plus each
 trial's own working memory; a private copy per trial: ~2). RSS sums are shown for
@@ -61,8 +63,12 @@ max_failures: 0
 
 
 def idle_trial(config):
-    """Framework baseline: a trial's imports, no features; holds for config['hold'] seconds."""
+    """Framework baseline: a trial's imports and its final report with a (tiny) checkpoint, as run_one
+    makes; no features. Holds for config['hold'] seconds."""
+    import json as _json
+    import tempfile as _tempfile
     import time as _t
+    from pathlib import Path as _Path
 
     import torch  # noqa: F401
     from ray import tune as _tune
@@ -70,7 +76,9 @@ def idle_trial(config):
     import study.trial  # noqa: F401
 
     _t.sleep(float(config["hold"]))
-    _tune.report({"done_idle": 1})
+    with _tempfile.TemporaryDirectory() as tmp:
+        (_Path(tmp) / "metrics.json").write_text(_json.dumps({"idle": 1}))
+        _tune.report({"done_idle": 1}, checkpoint=_tune.Checkpoint.from_directory(tmp))
 
 
 class Sampler:
@@ -222,8 +230,9 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="lambda-compat-bench-memory-"))
     load_before = os.getloadavg()
-    runs = [run_idle(1, args.hold, work, args.interval, args.num_cpus), run_trials(1, args, work),
-            run_idle(2, args.hold, work, args.interval, args.num_cpus), run_trials(2, args, work)]
+    runs = [run_idle(1, args.hold, work, args.interval, args.num_cpus),
+            run_idle(2, args.hold, work, args.interval, args.num_cpus),
+            run_trials(1, args, work), run_trials(2, args, work)]
     load_after = os.getloadavg()
     by = {r["config"]: r for r in runs}
 
@@ -237,7 +246,8 @@ def main(argv=None) -> int:
         "USS workers + store": ratio(lambda r: r["peak"]["workers_uss"] + r["store_bytes"]),
         "RSS total (reference)": ratio(lambda r: r["peak"]["rss"]),
     }
-    ok = acct["PSS total"]["ratio"] is not None and acct["PSS total"]["ratio"] <= TARGET
+    judged = acct["USS workers + store"]
+    ok = judged["ratio"] is not None and judged["ratio"] <= TARGET
     store_mib = by["one"]["store_bytes"] / MiB
     result = {
         "benchmark": "memory",
@@ -247,14 +257,18 @@ def main(argv=None) -> int:
         "features_mib": store_mib,
         "runs": runs,
         "accountings": acct,
-        "target": {"ratio_max": TARGET, "met": ok},
+        "target": {"ratio_max": TARGET, "met": ok, "accounting": "USS workers + store"},
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "machine": C.machine_info(),
         "notes": [
-            "PSS total: driver + every Ray process (raylet, gcs, workers); shared pages split among mappers, "
-            "so the object store's copy counts once. The target is judged on it.",
-            "USS workers + store: private memory of Ray worker processes + the features' bytes once.",
+            "USS workers + store (the target's accounting): private memory of the Ray worker processes + "
+            "the features' bytes once (one ray.put: the object store holds one copy; zero-copy reads are "
+            "shared pages, not USS; any copy a trial makes is USS).",
+            "PSS total (cross-check): driver + every Ray process (raylet, gcs, workers); shared pages are "
+            "split among the processes mapping them, so the store's copy counts once. It includes the driver, "
+            "whose own memory drifts from run to run in one process (MLflow, freed feature arrays), so it is "
+            "less steady than the USS accounting.",
             "idle trials import torch and study.trial and sleep: the per-trial framework cost is in the "
             "baseline, the features and what a trial does with them are not.",
             "pair: 2 trials with 1 CPU each on 2 CPUs run concurrently (see max_concurrent_workers).",
@@ -277,9 +291,9 @@ def main(argv=None) -> int:
           C.fmt(r["peak"]["rss"] / MiB, ".0f"), r["peak"]["workers"], C.fmt(r["seconds"], ".1f")] for r in runs]))
     print()
     print(C.markdown_table(
-        ["accounting", "one - idle x1 MiB", "pair - idle x2 MiB", "pair / one", "target <= 1.3"],
+        ["accounting", "one - idle x1 MiB", "pair - idle x2 MiB", "pair / one", "target <= 1.3 (on USS + store)"],
         [[k, C.fmt(v["one_mib"], ".0f"), C.fmt(v["pair_mib"], ".0f"), C.fmt(v["ratio"], ".2f"),
-          C.verdict(v["ratio"] is not None and v["ratio"] <= TARGET) if k != "RSS total (reference)" else "-"]
+          C.verdict(v["ratio"] is not None and v["ratio"] <= TARGET) if k == "USS workers + store" else "-"]
          for k, v in acct.items()]))
     print(f"wrote {out}")
     return 0

@@ -59,13 +59,16 @@ QUICK = {
 
 
 class Timers:
-    """Accumulated seconds and call counts per phase name (CUDA-synchronised when asked)."""
+    """Accumulated seconds and call counts per phase name (CUDA-synchronised when asked).
+
+    `phase` is where run_trial is: "setup", "loss" (inside a training step's loss forward),
+    "step" (the rest of a training step), "epoch end" or "eval"."""
 
     def __init__(self, sync: bool) -> None:
         self.s: dict[str, float] = defaultdict(float)
         self.n: dict[str, int] = defaultdict(int)
         self.sync = sync
-        self.in_train = False
+        self.phase = "setup"
 
     def _now(self) -> float:
         if self.sync:
@@ -73,15 +76,21 @@ class Timers:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def wrap(self, name, fn):
+    def wrap(self, name, fn, phase: str | None = None, after: str | None = None):
+        """Time fn under `name` (a string, or a function of this Timers giving one); set
+        `phase` while it runs and `after` (default: the phase before) when it returns."""
         def timed(*a, **k):
             key = name(self) if callable(name) else name
+            before = self.phase
+            if phase is not None:
+                self.phase = phase
             t = self._now()
             try:
                 return fn(*a, **k)
             finally:
                 self.s[key] += self._now() - t
                 self.n[key] += 1
+                self.phase = after if after is not None else before
         return timed
 
 
@@ -96,13 +105,10 @@ def instrumented(timers: Timers):
     def train(params, batch_loss, n_samples, **kw):
         on_epoch = kw.get("on_epoch")
         if on_epoch is not None:
-            kw["on_epoch"] = timers.wrap("train: epoch end (cheap eval)", on_epoch)
-        timers.in_train = True
-        try:
-            return timers.wrap("train: total", saved["train"])(
-                params, timers.wrap("train: loss forward", batch_loss), n_samples, **kw)
-        finally:
-            timers.in_train = False
+            kw["on_epoch"] = timers.wrap("train: epoch end (cheap eval)", on_epoch, phase="epoch end",
+                                         after="step")
+        loss = timers.wrap("train: loss forward", batch_loss, phase="loss", after="step")
+        return timers.wrap("train: total", saved["train"], phase="step", after="eval")(params, loss, n_samples, **kw)
 
     def build_regularizer(name, cfg):
         reg = saved["build_regularizer"](name, cfg)
@@ -112,16 +118,14 @@ def instrumented(timers: Timers):
         B = saved["make_backward"](kind, n, **kw)
         for plist in getattr(getattr(B, "parametrizations", None), "values", lambda: [])():
             for p in plist:
-                p.forward = timers.wrap("train: exp(P) forward", p.forward)
+                p.forward = timers.wrap(lambda t: f"exp(P) forward [{t.phase}]", p.forward)
         return B
 
     def rows(self, *a, **k):
-        return timers.wrap(lambda t: "train: cheap eval rows" if t.in_train else "eval: retrieval rows",
-                           saved_rows)(self, *a, **k)
+        return timers.wrap(lambda t: f"retrieval rows [{t.phase}]", saved_rows)(self, *a, **k)
 
     def sides(self, *a, **k):
-        return timers.wrap(lambda t: "train: apply adapters" if t.in_train else "eval: apply adapters",
-                           saved_sides)(self, *a, **k)
+        return timers.wrap(lambda t: f"apply adapters [{t.phase}]", saved_sides)(self, *a, **k)
 
     T.train, T.build_regularizer, T.make_backward = train, build_regularizer, make_backward
     T._backfill = timers.wrap("eval: backfill curves", saved["_backfill"])
@@ -167,11 +171,13 @@ def one_trial(method: str, size: dict, data, epochs: int, device: str, profile: 
         "train_s": train, "train_per_epoch_s": per_epoch,
         "loss_forward_per_epoch_s": fwd / epochs,
         "regulariser_forward_per_epoch_s": s.get("train: regulariser forward", 0.0) / epochs,
-        "expP_forward_per_epoch_s": s.get("train: exp(P) forward", 0.0) / epochs,
+        "expP_forward_per_epoch_s": s.get("exp(P) forward [loss]", 0.0) / epochs,
+        "expP_forward_outside_loss_s": sum(v for k, v in s.items() if k.startswith("exp(P) forward [")
+                                           and k != "exp(P) forward [loss]"),
         "backward_step_per_epoch_s": (train - fwd - end) / epochs,
         "cheap_eval_per_epoch_s": end / epochs,
         "eval_s": ev,
-        "eval_rows_s": s.get("eval: retrieval rows", 0.0),
+        "eval_rows_s": s.get("retrieval rows [eval]", 0.0),
         "eval_zero_shot_s": s.get("eval: zero-shot", 0.0),
         "eval_backfill_s": s.get("eval: backfill curves", 0.0),
         "timers_s": s, "calls": dict(timers.n),
@@ -335,9 +341,10 @@ def main(argv=None) -> int:
             "setup = tensors, normalisation, evaluator, adapters (total - train - eval).",
             "extrapolated_full_s = setup + per-epoch train x full epochs (40) + final eval.",
             "isolated_per_step: min of 5 fwd+bwd calls; shares are of (affine step + that cost). The "
-            "regulariser is timed at a normal gate (D = lam - 2) and at a denormal one (D = lam - 8.4, "
-            "sigmoid ~ 3e-37): on CPUs without flush-to-zero the denormal products slow its backward "
-            "matmuls by 100x and more, whenever a trial's D(W) crosses that band on its way up to lam.",
+            "regulariser is also timed at D = lam - 8.4, where the unfloored gate sigmoid(alpha (D - lam)) "
+            "~ 3e-37 makes its backward matmuls work on denormal floats (100x slower on this CPU, seen "
+            "before study/regularizers.py floored the gate's argument at -40): a regression check, it "
+            "should match the normal-gate column.",
             f"threads: torch and BLAS limited to {args.threads} (OMP_NUM_THREADS too, which study.metrics "
             "reads), as for a 1-CPU trial in a study.",
         ],

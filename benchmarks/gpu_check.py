@@ -309,7 +309,7 @@ def _throughput_ray(c, trials, cpu_each, cuda, n_train, n_eval, dim, epochs, dev
         tracker = StudyTracker(f"sqlite:///{work / 'mlflow.db'}", f"gpu-tp-{c}")
         tracker.start_study(params={"bench": "gpu_check"}, tags={})
         exp = st.experiments(spec)[0]
-        with C.private_ray(cpus, 1 if cuda else None):
+        with C.private_ray(cpus):   # Ray detects the GPU
             t = time.perf_counter()
             tuner = st.make_tuner(spec, exp["param_space"], store, tracker, experiment=f"tp{c}",
                                   storage=str(work / "ray_results"), search_alg=None, num_samples=1,

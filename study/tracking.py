@@ -100,7 +100,9 @@ class StudyTracker:
                 parsed = urlparse(self.tracking_uri)
                 if parsed.scheme == "sqlite":
                     location = (Path(parsed.path).parent / "mlartifacts" / self.study).as_uri()
-                self._experiment_id = _retry(lambda: self.client.create_experiment(self.study, artifact_location=location))
+                # The kind tag makes the MLflow UI open on the runs table, not the GenAI overview.
+                self._experiment_id = _retry(lambda: self.client.create_experiment(
+                    self.study, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}))
             else:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id

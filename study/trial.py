@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -129,7 +130,11 @@ class TrialResult:
 # ---------------------------------------------------------------------------
 def _tensor(features: Any, normalize: bool, device: torch.device, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """float32 features on `device`, L2-normalised if asked, minus `shift` if given; int64 labels."""
-    x = torch.as_tensor(np.asarray(features.x, dtype=np.float32), device=device)
+    with warnings.catch_warnings():
+        # Features from Ray's object store are read-only shared memory; they are never written
+        # (normalising and shifting make new tensors), so share them instead of copying.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.as_tensor(np.asarray(features.x, dtype=np.float32), device=device)
     if normalize:
         x = Fn.normalize(x, dim=1)
     if shift is not None:

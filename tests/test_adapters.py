@@ -161,7 +161,7 @@ def anisotropic():
 def test_orthogonal_recovers_the_rotation(rotation):
     data, R, result = rotation
     W = result.state["B.weight"].numpy()
-    assert np.linalg.norm(W - R.T) / np.linalg.norm(R) < 0.02
+    assert np.linalg.norm(W - R.T) / np.linalg.norm(R) < 0.03  # 0.013 here, 0.003-0.013 over seeds 0-5
     assert result.metrics["orth/B"] < 1e-4
     assert result.metrics["B/old/top1"] > result.metrics["new/old/top1"] + 50  # B/old works, raw new/old does not
 

@@ -96,20 +96,23 @@ def test_failed_trial_is_a_failed_child_and_exit_code_3(tmp_path: Path) -> None:
 def _start(workdir: Path) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "study" / "run.py"), "--space", str(SMOKE), "--num-cpus", "2",
            "--storage", str(workdir / "ray_results"), "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
-    return subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # Output to files, not pipes: an unread pipe would block the driver once it fills.
+    with open(workdir / "driver.out", "a") as out, open(workdir / "driver.err", "w") as err:
+        return subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=err, start_new_session=True)
 
 
-def _wait_for(workdir: Path, proc: subprocess.Popen, n_finished: int, timeout: float = 300) -> None:
-    """Wait until `n_finished` trials are FINISHED in MLflow (0: until the study run exists)."""
+def _wait_for(workdir: Path, proc: subprocess.Popen, n_finished: int, timeout: float = 300) -> bool:
+    """Wait until `n_finished` trials are FINISHED in MLflow (0: until the study run exists).
+    False when the study ended first (the moment passed)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, "the study ended before the fault could be injected"
+        if proc.poll() is not None:
+            return False
         try:
             if n_finished == 0 and parents(workdir):
-                return
+                return True
             if n_finished and sum(r.info.status == "FINISHED" for r in children(workdir)) >= n_finished:
-                return
+                return True
         except Exception:  # noqa: BLE001 - database or experiment not created yet
             pass
         time.sleep(0.3)
@@ -117,20 +120,23 @@ def _wait_for(workdir: Path, proc: subprocess.Popen, n_finished: int, timeout: f
 
 
 def test_killed_three_times_and_interrupted_then_resumed(tmp_path: Path, finished_study: Path) -> None:
-    """SIGKILL at study start and after the last trial, Ctrl-C after the first: resume loses and doubles nothing."""
-    for moment, sig in ((0, signal.SIGKILL), (1, signal.SIGINT), (N_SMOKE_TRIALS, signal.SIGKILL)):
+    """SIGKILL at study start, after two trials and after the last one; Ctrl-C after the first:
+    resuming loses nothing, doubles nothing, and gives the uninterrupted results."""
+    for moment, sig in ((0, signal.SIGKILL), (1, signal.SIGINT), (2, signal.SIGKILL), (N_SMOKE_TRIALS, signal.SIGKILL)):
         proc = _start(tmp_path)
         try:
-            _wait_for(tmp_path, proc, moment)
+            reached = _wait_for(tmp_path, proc, moment)
             if sig == signal.SIGINT:
+                assert reached, "the study ended before Ctrl-C"
                 proc.send_signal(signal.SIGINT)
-                _, err = proc.communicate(timeout=120)
+                proc.wait(timeout=120)
+                err = (tmp_path / "driver.err").read_text()
                 assert proc.returncode == 130, err[-2000:]
                 assert "rerun the same command to resume" in err
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
+            proc.wait()
     done = run_cli(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = children(tmp_path)

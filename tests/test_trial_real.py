@@ -32,10 +32,13 @@ def runs(pair):
 
 
 def test_without_adapters_new_old_is_near_chance(runs):
+    """Unrelated spaces: new queries against the old gallery are a few times chance at most
+    (both nets see the same pixels, so not exactly chance), far below either model alone."""
     m = runs["independent"].metrics
     chance = 100.0 / 10
-    assert m["new/old/top1"] < 2.5 * chance, m["new/old/top1"]
-    assert m["old/old/top1"] > 4 * chance and m["new/new/top1"] > m["old/old/top1"]
+    assert m["new/old/top1"] < 4 * chance, m["new/old/top1"]
+    assert m["new/old/top1"] < m["old/old/top1"] / 2
+    assert m["old/old/top1"] > 5 * chance and m["new/new/top1"] > m["old/old/top1"]
 
 
 def test_lambda_adapter_meets_ecc(runs):
