@@ -275,3 +275,71 @@ def feature_store(spec: Any, sizes: dict[tuple[str, str], int], *, classes: int 
                       separation=separation, classes=classes)
         store[str(key)] = (x, y)
     return store
+
+
+def run_study_on(spec: Any, store: dict, work: str | Path, *, num_cpus: int | None,
+                 max_concurrent: int | None = None) -> dict:
+    """Run `spec` through `study.cli.run_study` (the CLI's own path after validation: private
+    local Ray via study.tune.init_ray, MLflow parent run, every Tune experiment through
+    study.tune.make_tuner with the MLflow callback, study.cli.reconcile, orphans, end of study)
+    with the feature phase replaced by `store` (cached features: nothing is extracted), MLflow
+    to a SQLite DB in `work`, no report. Ray is shut down on return.
+
+    Returns {"rc", "results": [ResultGrid per experiment], "make_tuner_s", "fit_s", "reconcile_s",
+    "wall_s"}: wall = first make_tuner call to the end of the last reconcile (Ray start-up, the
+    MLflow parent run and the feature phase come before it, as in a real study).
+    """
+    import argparse
+
+    from study import cli
+    from study import tune as st
+    from study.tracking import StudyTracker
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    t: dict[str, float] = {"make_tuner_s": 0.0, "fit_s": 0.0, "reconcile_s": 0.0}
+    marks: dict[str, float] = {}
+    results: list = []
+    orig = (st.feature_phase, st.make_tuner, cli.reconcile)
+
+    def feature_phase(spec_, log=print):
+        return store, {"keys": len(store), "extracted": 0, "from_cache": len(store)}
+
+    def make_tuner(*a, **k):
+        t0 = time.perf_counter()
+        marks.setdefault("start", t0)
+        tuner = orig[1](*a, **k)
+        t["make_tuner_s"] += time.perf_counter() - t0
+        fit = tuner.fit
+
+        def timed_fit():
+            t1 = time.perf_counter()
+            r = fit()
+            t["fit_s"] += time.perf_counter() - t1
+            results.append(r)
+            return r
+
+        tuner.fit = timed_fit
+        return tuner
+
+    def reconcile(*a, **k):
+        t0 = time.perf_counter()
+        out = orig[2](*a, **k)
+        marks["end"] = time.perf_counter()
+        t["reconcile_s"] += marks["end"] - t0
+        return out
+
+    args = argparse.Namespace(address=None, num_cpus=num_cpus, max_concurrent=max_concurrent, no_report=True)
+    tracker = StudyTracker(f"sqlite:///{work / 'mlflow.db'}", spec.name)
+    before = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"   # a private Ray even where `ray start` left a cluster running
+    st.feature_phase, st.make_tuner, cli.reconcile = feature_phase, make_tuner, reconcile
+    try:
+        rc = cli.run_study(spec, args, str(work / "ray_results"), tracker)
+    finally:
+        st.feature_phase, st.make_tuner, cli.reconcile = orig
+        if before is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = before
+    return {"rc": rc, "results": results, **t, "wall_s": marks.get("end", 0.0) - marks.get("start", 0.0)}

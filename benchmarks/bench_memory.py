@@ -5,9 +5,10 @@ Four runs, each in a fresh private Ray session (`--num-cpus` CPUs, 1 CPU per tri
   idle x1, idle x2   a Tune function trainable that imports what a trial imports (torch,
                      study.trial), sleeps and reports once with a tiny checkpoint, as a
                      trial does: the framework baseline, no features
-  one, pair          the project's path (study.tune.make_tuner: features through
-                     tune.with_parameters, the MLflow callback to a temp SQLite DB) with 1
-                     and 2 concurrent trials on random features large enough to dominate
+  one, pair          the CLI's path (study.cli.run_study with the feature phase replaced by
+                     cached random features: make_tuner puts them in the object store once
+                     through tune.with_parameters; the MLflow callback to a temp SQLite DB)
+                     with 1 and 2 concurrent trials on features large enough to dominate
                      (default old + new train 50,000 x 1024 float32 = 2 x 200 MB)
 
 A thread samples memory of the driver and every process below it (Ray's processes and
@@ -158,40 +159,22 @@ def run_idle(k: int, hold: float, work: Path, interval: float, num_cpus: int) ->
 
 
 def run_trials(k: int, args, work: Path) -> dict:
-    from study import tune as st
-    from study.cli import reconcile
-    from study.tracking import StudyTracker
-
+    """k concurrent trials through study.cli.run_study (its own private Ray), sampled throughout."""
     seeds = ", ".join(str(i) for i in range(k))
     spec = C.spec_from_yaml(SPACE.format(name=f"bench-memory-{k}", method=args.method, seeds=seeds,
                                          epochs=args.epochs, batch=args.batch_size), work, f"memory{k}.yaml")
-    tracker = StudyTracker(f"sqlite:///{work / 'mlflow.db'}", f"bench-memory-{k}")
-    tracker.start_study(params={"bench": "memory"}, tags={})
-    with C.private_ray(args.num_cpus):
-        time.sleep(2.0)
-        base = Sampler(args.interval).sample()
-        base.pop("procs")
-        exp = st.experiments(spec)[0]
-
-        def build():   # the features live only in the object store once make_tuner has put them
-            store = C.feature_store(spec, {("mnist", "train"): args.n, ("mnist", "test"): args.n_eval})
-            nbytes = sum(x.nbytes + y.nbytes for x, y in store.values())
-            tuner = st.make_tuner(spec, exp["param_space"], store, tracker, experiment=f"memory{k}",
-                                  storage=str(work / "ray_results"), search_alg=None, num_samples=1,
-                                  max_concurrent=None, total=exp["total"])
-            return tuner, nbytes
-
-        tuner, nbytes = build()
-        with Sampler(args.interval) as s:
-            results = tuner.fit()
-        failed, finished = reconcile(results, tracker)
-        if failed or finished != k:
-            raise RuntimeError(f"memory run x{k}: {failed} failed, {finished} finished")
-    starts = sorted(r.metrics.get("timestamp", 0) for r in results)
+    store = C.feature_store(spec, {("mnist", "train"): args.n, ("mnist", "test"): args.n_eval})
+    nbytes = sum(x.nbytes + y.nbytes for x, y in store.values())
+    with Sampler(args.interval) as s:
+        out = C.run_study_on(spec, store, work / f"trials{k}", num_cpus=args.num_cpus)
+    del store
+    results = [r for grid in out["results"] for r in grid]
+    finished = sum(r.error is None for r in results)
+    if out["rc"] != 0 or finished != k:
+        raise RuntimeError(f"memory run x{k}: exit code {out['rc']}, {finished}/{k} finished")
     return {"config": f"{'one' if k == 1 else 'pair' if k == 2 else k}", "trials": k, "store_bytes": nbytes,
-            "session_idle": base, "peak": s.peaks(), "seconds": s.samples[-1]["t"] - s.samples[0]["t"],
-            "max_concurrent_workers": s.peaks()["workers"], "final_timestamps": starts,
-            "series": _series(s.samples)}
+            "peak": s.peaks(), "seconds": s.samples[-1]["t"] - s.samples[0]["t"], "fit_s": out["fit_s"],
+            "max_concurrent_workers": s.peaks()["workers"], "series": _series(s.samples)}
 
 
 def _series(samples: list[dict], keep: int = 200) -> list[list[float]]:

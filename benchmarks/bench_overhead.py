@@ -1,12 +1,13 @@
 """Benchmark: study overhead against bare Ray Tune, and the feature-extraction count (issue 5, item 2).
 
-In one private Ray session (`--num-cpus` CPUs, 1 CPU per trial):
+Each run in its own private Ray session (`--num-cpus` CPUs, 1 CPU per trial):
 
   project   a lambda grid of `--trials` trials on cached random features through the
-            project's own path: a StudySpec parsed from YAML, study.tune.experiments +
-            make_tuner (with_parameters features, reuse_actors, per-epoch reports, the
-            final checkpoint, the MLflow callback writing to a temp SQLite DB), then
-            study.cli.reconcile. Per-trial compute = the trial's own time/train_s +
+            CLI's own path: a StudySpec parsed from YAML, study.cli.run_study with the
+            feature phase replaced by the cached features (study.tune.experiments +
+            make_tuner: with_parameters features, reuse_actors, per-epoch reports, the
+            final checkpoint, the MLflow callback writing to a temp SQLite DB; then
+            study.cli.reconcile). Per-trial compute = the trial's own time/train_s +
             time/eval_s.
   bare      plain Ray Tune defaults (function trainable, no callbacks, reuse_actors
             False) running the same number of busy-loop trials; each spins for the
@@ -22,7 +23,7 @@ cache over two pairs that share a backbone (tf_efficientnet_lite0 -> lite1 and
 lite0 -> lite2 on sklearn digits at its 32 px hint: 6 unique keys, 8 naive) must
 extract exactly once per unique key; a second study over the same keys, zero times.
 
-    python benchmarks/bench_overhead.py                    # epochs 1 and 30, 16 trials, 2 repeats
+    python benchmarks/bench_overhead.py                    # epochs 5 and 40 (~2 s and ~9 s trials), 16 trials, 2 repeats
     python benchmarks/bench_overhead.py --quick            # epochs 1, 1 repeat
 """
 from __future__ import annotations
@@ -162,42 +163,35 @@ def calibrate(spec, store, repeat: int) -> dict:
 
 
 def run_project(spec, store, work: Path, tag: str, slots: int) -> dict:
-    from study import tune as st
-    from study.cli import reconcile
-    from study.tracking import StudyTracker
-
-    tracker = StudyTracker(f"sqlite:///{work / 'mlflow.db'}", f"{spec.name}-{tag}")
-    tracker.start_study(params={"bench": "overhead"}, tags={})   # before the clock, as in cli.run_study
-    exp = st.experiments(spec)[0]
-    t0 = time.perf_counter()
-    tuner = st.make_tuner(spec, exp["param_space"], store, tracker, experiment=f"{spec.name}-{tag}",
-                          storage=str(work / "ray_results"), search_alg=exp["search_alg"],
-                          num_samples=exp["num_samples"], max_concurrent=None, total=exp["total"])
-    results = tuner.fit()
-    t_fit = time.perf_counter() - t0
-    failed, finished = reconcile(results, tracker)
-    wall = time.perf_counter() - t0
+    """The study through study.cli.run_study (own private Ray session), features from `store`."""
+    out = C.run_study_on(spec, store, work / f"project-{tag}", num_cpus=slots)
+    results = [r for grid in out["results"] for r in grid]
     compute = [r.metrics["time/train_s"] + r.metrics["time/eval_s"] for r in results if r.error is None]
-    if failed or len(compute) != exp["total"]:
-        raise RuntimeError(f"project run: {failed} failed, {len(compute)}/{exp['total']} finished")
-    return summarise("project", wall, compute, slots, fit_s=t_fit, reconcile_s=wall - t_fit)
+    if out["rc"] != 0 or len(compute) != len(spec.trials()):
+        raise RuntimeError(f"project run: exit code {out['rc']}, {len(compute)}/{len(spec.trials())} finished")
+    return summarise("project", out["wall_s"], compute, slots, make_tuner_s=out["make_tuner_s"],
+                     fit_s=out["fit_s"], reconcile_s=out["reconcile_s"])
 
 
 def run_bare(n: int, iterations: int, reports: int, work: Path, tag: str, slots: int) -> dict:
+    """Bare Ray Tune defaults in its own private Ray session (as the project run has one)."""
     from ray import tune
 
-    t0 = time.perf_counter()
-    tuner = tune.Tuner(
-        tune.with_resources(busy_trial, {"cpu": 1}),
-        param_space={"iterations": iterations, "reports": reports, "i": tune.grid_search(list(range(n)))},
-        run_config=tune.RunConfig(name=f"bare-{tag}", storage_path=str(work / "ray_results"), verbose=1),
-    )
-    results = tuner.fit()
-    wall = time.perf_counter() - t0
+    with C.private_ray(slots):
+        t0 = time.perf_counter()
+        tuner = tune.Tuner(
+            tune.with_resources(busy_trial, {"cpu": 1}),
+            param_space={"iterations": iterations, "reports": reports, "i": tune.grid_search(list(range(n)))},
+            run_config=tune.RunConfig(name=f"bare-{tag}", storage_path=str(work / "ray_results"), verbose=1),
+        )
+        t1 = time.perf_counter()
+        results = tuner.fit()
+        wall = time.perf_counter() - t0
+        fit = time.perf_counter() - t1
     compute = [r.metrics["busy_s"] for r in results if r.error is None]
     if len(compute) != n:
         raise RuntimeError(f"bare run: {len(compute)}/{n} finished")
-    return summarise("bare Tune", wall, compute, slots, fit_s=wall, reconcile_s=0.0)
+    return summarise("bare Tune", wall, compute, slots, make_tuner_s=t1 - t0, fit_s=fit, reconcile_s=0.0)
 
 
 def summarise(run: str, wall: float, compute: list[float], slots: int, **extra) -> dict:
@@ -235,7 +229,7 @@ def extraction_count(args, work: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=16, help="trials per run (>= 16 for the issue's figure)")
-    ap.add_argument("--epochs", default="1,30",
+    ap.add_argument("--epochs", default="5,40",
                     help="comma list: one project/bare pair of runs per trial length (epochs of our trial)")
     ap.add_argument("--method", default="lambda", help="method of the grid (lambda: a lambda grid; else seeds)")
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the private Ray (= concurrent slots)")
@@ -276,22 +270,22 @@ def main(argv=None) -> int:
             calib[e]["iterations"] = int(rate * calib[e]["seconds"])
             print(f"[calibrate] epochs={e}: our trial takes {calib[e]['seconds']:.2f} s in this process "
                   f"(1 thread; runs {', '.join(f'{w:.2f}' for w in calib[e]['wall_s'])})", flush=True)
-    with C.private_ray(args.num_cpus):
-        if not args.skip_overhead:
-            for e in epochs_list:
-                for rep in range(args.repeat):
-                    order = ("bare", "project") if rep % 2 == 0 else ("project", "bare")
-                    for which in order:
-                        tag = f"e{e}-r{rep}"
-                        if which == "bare":
-                            r = run_bare(args.trials, calib[e]["iterations"], e + 1, work, tag, slots)
-                        else:
-                            r = run_project(specs[e], stores[e], work, tag, slots)
-                        r.update(epochs=e, repeat=rep)
-                        runs.append(r)
-                        print(f"[{which}] epochs={e} rep={rep}: wall {r['wall_s']:.1f} s, ideal "
-                              f"{r['ideal_s']:.1f} s, ratio {r['ratio']:.3f}", flush=True)
-        if not args.skip_count:
+    # every run below starts its own private Ray session
+    for e in epochs_list if not args.skip_overhead else []:
+        for rep in range(args.repeat):
+            order = ("bare", "project") if rep % 2 == 0 else ("project", "bare")
+            for which in order:
+                tag = f"e{e}-r{rep}"
+                if which == "bare":
+                    r = run_bare(args.trials, calib[e]["iterations"], e + 1, work, tag, slots)
+                else:
+                    r = run_project(specs[e], stores[e], work, tag, slots)
+                r.update(epochs=e, repeat=rep)
+                runs.append(r)
+                print(f"[{which}] epochs={e} rep={rep}: wall {r['wall_s']:.1f} s, ideal "
+                      f"{r['ideal_s']:.1f} s, ratio {r['ratio']:.3f}", flush=True)
+    if not args.skip_count:
+        with C.private_ray(args.num_cpus):
             count = extraction_count(args, work)
     load_after = os.getloadavg()
 
@@ -334,9 +328,10 @@ def main(argv=None) -> int:
             "project per-trial compute = time/train_s + time/eval_s reported by run_trial (inside Ray, "
             "under the run's own contention); feature conversion, imports, reports, checkpoints, MLflow "
             "and scheduling count as overhead.",
-            "project wall = make_tuner (features put in the object store once) + fit + reconcile; the "
-            "MLflow experiment and parent run are created before the clock starts, as the CLI does "
-            "before its trials. bare wall = Tuner() + fit.",
+            "project = study.cli.run_study with the feature phase replaced by the cached random features, "
+            "MLflow to a temp SQLite DB, no report; wall = make_tuner (features put in the object store "
+            "once) + fit + reconcile, after Ray start-up and the MLflow parent run, as in a real study. "
+            "bare wall = Tuner() + fit. Each run has its own private Ray session (same CPUs).",
             "bare Tune trials run a fixed amount of pure-Python CPU work sized to the calibrated length of "
             "our trial (1 thread, this process, before Ray starts), split over as many tune.report calls as "
             "our trial makes (one per epoch + the final one); their compute (busy_s) is measured inside the "

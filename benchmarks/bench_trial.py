@@ -274,13 +274,17 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="orthogonal,affine,lambda")
     ap.add_argument("--epochs", type=int, default=40, help="epochs at the default size (its full length: 40)")
     ap.add_argument("--paper-epochs", type=int, default=2, help="epochs at paper size (full length 40, extrapolated)")
+    ap.add_argument("--paper-eval", type=int, default=None,
+                    help="eval rows at paper size (default 10,000; each of its ~50 retrievals takes seconds on 1 CPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch/BLAS threads (1 = one trial's CPU in a study)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true", help="torch.profiler top ops of one extra 1-epoch trial")
     ap.add_argument("--quick", action="store_true", help="small sizes (default 1000 x 256, paper 4000 x 512), 2 epochs")
     ap.add_argument("--out", default=str(C.RESULTS / "trial.json"))
     args = ap.parse_args(argv)
-    sizes = QUICK if args.quick else SIZES
+    sizes = {k: dict(v) for k, v in (QUICK if args.quick else SIZES).items()}
+    if args.paper_eval:
+        sizes["paper"]["n_eval"] = args.paper_eval
     if args.quick:
         args.epochs = args.paper_epochs = 2
 
@@ -324,8 +328,8 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "trial",
-        "params": {k: getattr(args, k) for k in ("sizes", "methods", "epochs", "paper_epochs", "threads", "device",
-                                                   "profile", "quick")},
+        "params": {k: getattr(args, k) for k in ("sizes", "methods", "epochs", "paper_epochs", "paper_eval", "threads",
+                                                   "device", "profile", "quick")},
         "sizes": {k: sizes[k] for k in args.sizes.split(",")},
         "task": "run_trial on random clustered features, phases timed by wrapping study.trial's names",
         "rows": rows,

@@ -10,9 +10,10 @@
      affine for a few epochs for the per-epoch cost of each parametrisation
   3. evaluation (study.metrics.retrieval, exact leave-one-out top-1/5 + mAP, NumPy on the
      host's CPUs) at N = 50,000, D = 1024, next to the N x N similarity matmul on the GPU
-  4. trials/hour per GPU at 1, 2 and 4 concurrent trials per GPU: the project's Ray Tune path
-     (make_tuner, fractional resources gpu 1, 0.5, 0.25, MLflow to a temp SQLite DB) on
-     paper-size random features, 2 trials per slot; without Ray/MLflow installed, plain
+  4. trials/hour per GPU at 1, 2 and 4 concurrent trials per GPU: the CLI's path
+     (study.cli.run_study with cached random paper-size features: make_tuner, fractional
+     resources gpu 1, 0.5, 0.25, MLflow to a temp SQLite DB), 2 trials per slot; wall from
+     the first make_tuner to the last reconcile. Without Ray/MLflow installed, plain
      processes sharing the GPU (labelled so)
 
 Without CUDA the GPU-only parts are skipped with a message and the rest runs at smoke sizes
@@ -275,7 +276,7 @@ def part_throughput(args, cuda: bool) -> dict:
     else:
         levels = [c for c in levels if c <= cpus]
         n_train, n_eval, dim, epochs, device = 2000, 500, 128, 1, "cpu"
-    use_ray = have("ray") and have("mlflow")
+    use_ray = have("ray") and have("mlflow") and not args.no_ray
     rows = []
     for c in levels:
         if elapsed() > args.budget_s:
@@ -297,29 +298,19 @@ def part_throughput(args, cuda: bool) -> dict:
 
 
 def _throughput_ray(c, trials, cpu_each, cuda, n_train, n_eval, dim, epochs, device, cpus) -> dict:
-    from study import tune as st
-    from study.tracking import StudyTracker
-
+    """The study through study.cli.run_study (private Ray, make_tuner, MLflow to SQLite), cached features."""
     work = Path(tempfile.mkdtemp(prefix="lambda-compat-gpu-tp-"))
     try:
         lambdas = ", ".join(f"{i:g}" for i in range(trials))
         spec = C.spec_from_yaml(SPACE.format(name=f"gpu-tp-{c}", lambdas=lambdas, epochs=epochs, batch=512,
                                              device=device, cpu=cpu_each, gpu=(1 / c) if cuda else 0), work)
         store = C.feature_store(spec, {("mnist", "train"): n_train, ("mnist", "test"): n_eval}, classes=100)
-        tracker = StudyTracker(f"sqlite:///{work / 'mlflow.db'}", f"gpu-tp-{c}")
-        tracker.start_study(params={"bench": "gpu_check"}, tags={})
-        exp = st.experiments(spec)[0]
-        with C.private_ray(cpus):   # Ray detects the GPU
-            t = time.perf_counter()
-            tuner = st.make_tuner(spec, exp["param_space"], store, tracker, experiment=f"tp{c}",
-                                  storage=str(work / "ray_results"), search_alg=None, num_samples=1,
-                                  max_concurrent=None, total=exp["total"])
-            del store
-            results = tuner.fit()
-            wall = time.perf_counter() - t
+        out = C.run_study_on(spec, store, work / "study", num_cpus=cpus)
+        del store
+        results = [r for grid in out["results"] for r in grid]
         compute = [r.metrics["time/train_s"] + r.metrics["time/eval_s"] for r in results if r.error is None]
         errors = [str(r.error)[:300] for r in results if r.error is not None]
-        return {"path": "ray", "wall_s": wall, "finished": len(compute), "errors": errors,
+        return {"path": "ray", "wall_s": out["wall_s"], "finished": len(compute), "errors": errors, "rc": out["rc"],
                 "trial_compute_median_s": statistics.median(compute) if compute else None}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -355,6 +346,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trials-per-slot", type=int, default=2)
     ap.add_argument("--tp-epochs", type=int, default=5, help="epochs of each throughput trial")
     ap.add_argument("--tp-eval", type=int, default=10_000, help="eval rows of each throughput trial")
+    ap.add_argument("--no-ray", action="store_true", help="part 4 in plain processes even if Ray is installed")
     ap.add_argument("--budget-s", type=float, default=330.0, help="parts or steps starting after this are skipped")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_check.json or benchmarks/results/)")
     args = ap.parse_args(argv)

@@ -171,13 +171,12 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
 
         total_failed, interrupted = 0, False
         for exp in st.experiments(spec):
-            tuner = st.make_tuner(spec, exp["param_space"], features, tracker, experiment=exp["name"],
-                                  storage=storage, search_alg=exp["search_alg"], num_samples=exp["num_samples"],
-                                  max_concurrent=args.max_concurrent or spec.max_concurrent, total=exp["total"])
+            tuner = st.make_tuner(spec, exp, features, tracker, storage=storage,
+                                  max_concurrent=args.max_concurrent or spec.max_concurrent)
             results = tuner.fit()
-            failed, finished = reconcile(results, tracker)
+            failed, finished = reconcile(results, tracker, exp.table)
             total_failed += failed
-            if failed + finished < exp["total"]:
+            if failed + finished < exp.total:
                 interrupted = True
                 break
         if interrupted:
@@ -206,14 +205,15 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
         ray.shutdown()
 
 
-def reconcile(results: Any, tracker: Any) -> tuple[int, int]:
+def reconcile(results: Any, tracker: Any, table: Any) -> tuple[int, int]:
     """Make MLflow match Ray's results (a driver killed between a trial's end and its callback loses nothing)."""
     from study.tracking import RAY_TRIAL_TAG
-    from study.tune import finish_from_checkpoint, metrics_of, trial_key, trial_name, trial_params, trial_tags, unwrap
+    from study.tune import finish_from_checkpoint, metrics_of, trial_name, trial_params, trial_tags
+    tracker.refresh()  # Ray's restored callback writes through its own copy of the tracker
     failed = finished = 0
     for result in results:
         ray_id = (result.metrics or {}).get("trial_id")
-        key = trial_key(result.config, ray_id) if ray_id else None
+        key = table.key(result.config, ray_id) if ray_id else None
         if result.error is not None:
             failed += 1
             if key:
@@ -223,7 +223,7 @@ def reconcile(results: Any, tracker: Any) -> tuple[int, int]:
             continue  # never started, or interrupted mid-trial: it resumes on the next run
         finished += 1
         if not tracker.is_finished(key):
-            cfg = unwrap(result.config)
+            cfg = table.resolve(result.config)
             tracker.start_trial(key, trial_name(cfg), trial_params(cfg), {**trial_tags(cfg), RAY_TRIAL_TAG: ray_id})
             tracker.log_metrics(key, metrics_of(result.metrics), step=int(result.metrics.get("training_iteration", 0)))
             finish_from_checkpoint(tracker, key, result.checkpoint, result.metrics)

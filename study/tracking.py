@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 ROLE_TAG = "lc.role"            # "study" on the parent, "trial" on children
 STUDY_TAG = "lc.study"
-TRIAL_ID_TAG = "lc.trial_key"         # a trial's identity across resumes (see study.tune.trial_key)
+TRIAL_ID_TAG = "lc.trial_key"         # a trial's identity across resumes (see study.tune.TrialTable.key)
 RAY_TRIAL_TAG = "lc.ray_trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 ERROR_TAG = "lc.error"
@@ -122,9 +122,14 @@ class StudyTracker:
             _retry(lambda: self.client.log_batch(self.parent_run_id, params=[Param(k, _param(v)) for k, v in params.items()]))
             for path in artifacts:
                 _retry(lambda: self.client.log_artifact(self.parent_run_id, str(path)))
-        self._loaded = False
-        self._load_children()
+        self.refresh()
         return self.parent_run_id
+
+    def refresh(self) -> None:
+        """Re-read the child runs from MLflow (another copy of this tracker, such as the
+        one Ray Tune restores with its callbacks, may have written since)."""
+        self._runs, self._finished, self._loaded = {}, set(), False
+        self._load_children()
 
     def _load_children(self) -> None:
         if self._loaded or self.parent_run_id is None:

@@ -8,10 +8,12 @@ driver, through :class:`study.tracking.StudyTracker`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,13 +108,14 @@ def trial_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_one(config: dict[str, Any], features: FeatureStore) -> None:
+def run_one(config: dict[str, Any], features: FeatureStore, table: TrialTable) -> None:
     """One trial: per-epoch reports, then the final metrics with the adapters as a checkpoint."""
     import torch
 
     from study.trial import TrialData, run_trial
 
-    config = unwrap(config)
+    config = table.resolve(config)
+
     def feats(backbone: str, dataset: str, split: str) -> _Arrays:
         return _Arrays(features[str(FeatureKey(backbone, dataset, split))])
 
@@ -187,32 +190,26 @@ def trial_tags(config: dict[str, Any]) -> dict[str, str]:
 class MLflowCallback(tune.Callback):
     """Mirrors trials into MLflow child runs (driver only; safe across Tuner.restore)."""
 
-    def __init__(self, tracker: StudyTracker) -> None:
-        self.tracker = tracker
+    def __init__(self, tracker: StudyTracker, table: TrialTable) -> None:
+        self.tracker, self.table = tracker, table
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        cfg = unwrap(trial.config)
-        self.tracker.start_trial(trial_key(trial.config, trial.trial_id), trial_name(cfg), trial_params(cfg),
+        cfg = self.table.resolve(trial.config)
+        self.tracker.start_trial(self.table.key(trial.config, trial.trial_id), trial_name(cfg), trial_params(cfg),
                                  {**trial_tags(cfg), RAY_TRIAL_TAG: trial.trial_id})
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        key = trial_key(trial.config, trial.trial_id)
+        key = self.table.key(trial.config, trial.trial_id)
         self.tracker.log_metrics(key, metrics_of(result), step=int(result.get("training_iteration", 0)))
         if "node_id" in result:
             self.tracker.set_tag(key, NODE_TAG, str(result["node_id"]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        finish_from_checkpoint(self.tracker, trial_key(trial.config, trial.trial_id), trial.checkpoint,
+        finish_from_checkpoint(self.tracker, self.table.key(trial.config, trial.trial_id), trial.checkpoint,
                                trial.last_result or {})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracker.fail_trial(trial_key(trial.config, trial.trial_id), _error_text(trial))
-
-
-def trial_key(config: dict[str, Any], ray_trial_id: str) -> str:
-    """The identity of a trial across resumes: its name for grid points (unique, and stable even if
-    Ray's experiment state was lost), Ray's trial id for searcher-proposed trials."""
-    return trial_name(unwrap(config)) if GRID_KEY in config else ray_trial_id
+        self.tracker.fail_trial(self.table.key(trial.config, trial.trial_id), _error_text(trial))
 
 
 def finish_from_checkpoint(tracker: StudyTracker, trial_id: str, checkpoint: Any, last: dict[str, Any]) -> None:
@@ -244,41 +241,85 @@ def _error_text(trial: Any) -> str:
 # Tuner
 # ---------------------------------------------------------------------------
 
-def _name_of(trial: Any) -> str:
-    return trial_name(unwrap(trial.config))
+@dataclass(frozen=True)
+class TrialTable:
+    """The configs of an experiment's trials, by key.
+
+    Ray only ever sees primitive values: a grid trial's config is {"trial": <its name>}, a
+    searched trial's {"trial": <its cell>, "lam": ..., "alpha": ...}. (Ray replaces nested
+    values by placeholders it cannot always resolve again on Tuner.restore.) The table is
+    derived from the space, which a resume may not change, so it is the same on every run.
+    """
+
+    base: dict[str, dict[str, Any]]
+    searched: tuple[str, ...] = ()   # keys a searcher sets per trial
+
+    def resolve(self, config: dict[str, Any]) -> dict[str, Any]:
+        cfg = dict(self.base[config[GRID_KEY]])
+        cfg.update({k: config[k] for k in self.searched if k in config})
+        return cfg
+
+    def key(self, config: dict[str, Any], ray_trial_id: str) -> str:
+        """A trial's identity across resumes: its name for grid points (stable even if Ray's
+        experiment state was lost), Ray's trial id for searcher-proposed trials."""
+        return ray_trial_id if self.searched else config[GRID_KEY]
 
 
-def _dirname_of(trial: Any) -> str:
-    return f"{trial_name(unwrap(trial.config))}_{trial.trial_id}"
+@dataclass(frozen=True)
+class Experiment:
+    """One Ray Tune experiment of a study."""
+
+    name: str
+    param_space: dict[str, Any]
+    table: TrialTable
+    total: int
+    search_alg: Any = None
+    num_samples: int = 1
+
+
+def experiments(spec: StudySpec) -> list[Experiment]:
+    """The Tune experiments of a study: one grid, or one Optuna search per (pair, data set, seed) cell."""
+    if spec.search.kind == "grid":
+        table = TrialTable({trial_name(t): t for t in spec.trials()})
+        return [Experiment(spec.name, {GRID_KEY: tune.grid_search(list(table.base))}, table, len(table.base))]
+    from ray.tune.search.optuna import OptunaSearch
+    out = []
+    for cell in spec.cells():
+        for seed in spec.seeds:
+            name = f"{spec.name}__{cell['pair'].replace('->', '-to-')}__{cell['dataset']}__s{seed}"
+            base = {**cell, "method": "lambda", "seed": seed, "train": dict(spec.train)}
+            table = TrialTable({name: base}, searched=("lam", "alpha"))
+            space = {GRID_KEY: name, "lam": tune.uniform(*spec.search.lam), "alpha": tune.loguniform(*spec.search.alpha)}
+            searcher = OptunaSearch(metric=list(spec.search.metrics), mode=list(spec.search.modes), seed=seed)
+            out.append(Experiment(name, space, table, spec.search.n_trials, searcher, spec.search.n_trials))
+    return out
+
+
+def _name_of(table: TrialTable, trial: Any) -> str:
+    return trial_name(table.resolve(trial.config))
+
+
+def _dirname_of(table: TrialTable, trial: Any) -> str:
+    return f"{_name_of(table, trial)}_{trial.trial_id}"
 
 
 def _reporter(spec: StudySpec, total: int) -> tune.CLIReporter:
     metric_cols = {spec.metric: spec.metric, "B/B/top1": "B/B@1", "zs/mean": "ZS", "epoch": "ep"}
-    prefix = f"{GRID_KEY}/" if spec.search.kind == "grid" else ""
-    param_cols = {f"{prefix}{k}": label for k, label in (("pair", "pair"), ("method", "method"), ("lam", "lambda"), ("seed", "seed"))}
+    param_cols = {GRID_KEY: "trial"} if spec.search.kind == "grid" else {GRID_KEY: "cell", "lam": "lambda", "alpha": "alpha"}
     return tune.CLIReporter(metric_columns=metric_cols, parameter_columns=param_cols, total_samples=total,
-                            max_report_frequency=15, max_progress_rows=12)
+                            max_report_frequency=15, max_progress_rows=12, max_column_length=60)
 
 
-def make_tuner(
-    spec: StudySpec,
-    param_space: dict[str, Any],
-    features_ref: FeatureStore,
-    tracker: StudyTracker,
-    *,
-    experiment: str,
-    storage: str,
-    search_alg: Any = None,
-    num_samples: int = 1,
-    max_concurrent: int | None = None,
-    total: int,
-) -> tune.Tuner:
+def make_tuner(spec: StudySpec, exp: Experiment, features: FeatureStore, tracker: StudyTracker, *,
+               storage: str, max_concurrent: int | None = None) -> tune.Tuner:
     """A new Tuner, or the restored one when the experiment folder holds an interrupted run."""
-    trainable = tune.with_resources(tune.with_parameters(run_one, features=features_ref),
+    trainable = tune.with_resources(tune.with_parameters(run_one, features=features, table=exp.table),
                                     {"cpu": spec.cpu, "gpu": spec.gpu})
-    path = os.path.join(storage, experiment)
+    path = os.path.join(storage, exp.name)
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+        # The space is passed again: a driver killed early can leave a tuner.pkl without it.
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False,
+                                  param_space=exp.param_space)
     scheduler = None
     metric, mode = spec.metric, spec.mode
     if spec.scheduler.kind == "asha":
@@ -286,45 +327,21 @@ def make_tuner(
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=spec.scheduler.grace_period,
                                   reduction_factor=spec.scheduler.reduction_factor,
                                   max_t=int(spec.train.get("epochs", 1000)) + 1)
-    if search_alg is not None:
+    if exp.search_alg is not None:
         metric = mode = None  # the multi-objective searcher owns metric/mode
     return tune.Tuner(
         trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=num_samples, max_concurrent_trials=max_concurrent,
-                                    reuse_actors=True, trial_name_creator=_name_of,
-                                    trial_dirname_creator=_dirname_of),
+        param_space=exp.param_space,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=exp.search_alg,
+                                    num_samples=exp.num_samples, max_concurrent_trials=max_concurrent,
+                                    reuse_actors=True, trial_name_creator=functools.partial(_name_of, exp.table),
+                                    trial_dirname_creator=functools.partial(_dirname_of, exp.table)),
         run_config=tune.RunConfig(
-            name=experiment, storage_path=storage, callbacks=[MLflowCallback(tracker)],
+            name=exp.name, storage_path=storage, callbacks=[MLflowCallback(tracker, exp.table)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # num_to_keep forces an experiment snapshot after each trial's final checkpoint,
             # so a killed driver does not rerun trials that had finished.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            progress_reporter=_reporter(spec, total), verbose=1,
+            progress_reporter=_reporter(spec, exp.total), verbose=1,
         ),
     )
-
-
-def experiments(spec: StudySpec) -> list[dict[str, Any]]:
-    """The Tune experiments of a study: one grid, or one Optuna search per (pair, data set, seed) cell."""
-    if spec.search.kind == "grid":
-        trials = spec.trials()
-        return [{"name": spec.name, "param_space": {GRID_KEY: tune.grid_search(trials)}, "total": len(trials),
-                 "search_alg": None, "num_samples": 1}]
-    from ray.tune.search.optuna import OptunaSearch
-    out = []
-    for cell in spec.cells():
-        for seed in spec.seeds:
-            space = {**cell, "method": "lambda", "seed": seed, "train": dict(spec.train),
-                     "lam": tune.uniform(*spec.search.lam), "alpha": tune.loguniform(*spec.search.alpha)}
-            searcher = OptunaSearch(metric=list(spec.search.metrics), mode=list(spec.search.modes), seed=seed)
-            name = f"{spec.name}__{cell['pair'].replace('->', '-to-')}__{cell['dataset']}__s{seed}"
-            out.append({"name": name, "param_space": space, "total": spec.search.n_trials,
-                        "search_alg": searcher, "num_samples": spec.search.n_trials})
-    return out
-
-
-def unwrap(config: dict[str, Any]) -> dict[str, Any]:
-    """Grid trials carry their whole config under the one grid key `trial`; Optuna trials are flat."""
-    return config[GRID_KEY] if GRID_KEY in config else config

@@ -266,7 +266,7 @@ def _smoke_variant(tmp_path: Path, *, epochs: int, max_failures: int = 0) -> Pat
 
 
 def test_study_runs_trials_on_both_nodes(cluster: LoopbackCluster, tmp_path: Path) -> None:
-    space = _smoke_variant(tmp_path, epochs=10)
+    space = _smoke_variant(tmp_path, epochs=40)
     proc = _run_study(_study_cmd(space, tmp_path, cluster.address), tmp_path, cluster.env, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = _children(tmp_path)
@@ -324,7 +324,7 @@ def test_node_lost_mid_trial_is_retried_and_study_completes(cluster: LoopbackClu
     worker = cluster.workers[-1]
     head_id, worker_id = cluster.head.node_id(), worker.node_id()
     # Retries allowed (smoke.yaml has max_failures: 0), trials long enough to be killed mid-way.
-    cmd = _study_cmd(_smoke_variant(tmp_path, epochs=10, max_failures=3), tmp_path, cluster.address)
+    cmd = _study_cmd(_smoke_variant(tmp_path, epochs=60, max_failures=3), tmp_path, cluster.address)
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)

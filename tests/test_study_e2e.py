@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from study.report import build_report
@@ -149,3 +150,19 @@ def test_killed_three_times_and_interrupted_then_resumed(tmp_path: Path, finishe
     for run in runs:
         for key in ("B/old/top1", "B/B/top1", "zs/mean", "backfill/auc_paper"):
             assert run.data.metrics[key] == pytest.approx(reference[run.info.run_name][key], abs=1e-6)
+
+
+def test_optuna_search_runs_and_logs_each_trial_once(tmp_path: Path) -> None:
+    space = yaml.safe_load((ROOT / "search_spaces" / "optuna.yaml").read_text())
+    space["search"]["n_trials"] = 3
+    space["train"] = {"epochs": 2}
+    path = tmp_path / "optuna_small.yaml"
+    path.write_text(yaml.safe_dump(space))
+    proc = run_cli(tmp_path, "--space", str(path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = children(tmp_path, space["name"])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    lo, hi = space["search"]["lambda"]
+    lams = [float(r.data.params["lam"]) for r in runs]
+    assert all(lo <= lam <= hi for lam in lams) and len(set(lams)) == 3   # sampled, not a grid
+    assert all("zs/mean" in r.data.metrics and "B/old/top1" in r.data.metrics for r in runs)
