@@ -133,7 +133,10 @@ def run_one(config: dict[str, Any], features: FeatureStore, table: TrialTable) -
     _inject_fault(config)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        tune.report({**metrics, "epoch": epoch, "final": 0})
+        # A searcher scores every report and per-epoch reports lack the final-only keys
+        # (zs/*), so searched trials report once, at the end.
+        if not table.searched:
+            tune.report({**metrics, "epoch": epoch, "final": 0})
 
     node = {"node_id": ray.get_runtime_context().get_node_id()}
     done = tune.get_checkpoint()
