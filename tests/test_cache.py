@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import shutil
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,7 @@ import backbones
 from backbones import _extract as extract_module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on 2 shared cores, two spinning threads run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 BACKBONE, DATASET, SPLIT = "tf_efficientnet_lite0", "digits", "test"  # 359 images at 32 px
