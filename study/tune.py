@@ -39,7 +39,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     env = {k: os.environ[k] for k in ENV_FORWARD if k in os.environ}
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
+        # address="local": always a fresh private Ray, never one left running by `ray start`.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
     else:
         ray.init(address=address, **kwargs)
 
