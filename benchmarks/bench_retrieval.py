@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import _common as C  # noqa: E402
 from study.metrics import _default_chunk, retrieval, retrieval_brute_force  # noqa: E402
 
 TOPK = (1, 5)
@@ -177,38 +177,6 @@ def peak_memory_mb(fn, *args) -> float:
     return peak / 2**20
 
 
-def machine_info() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "numpy": np.__version__,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        info["blas"] = f"{blas.get('name')} {blas.get('version')}"
-    except Exception:  # pragma: no cover - older NumPy
-        pass
-    try:
-        from threadpoolctl import threadpool_info
-
-        info["blas_threads"] = [{k: p.get(k) for k in ("internal_api", "num_threads",
-                                                       "architecture")}
-                                for p in threadpool_info() if p.get("user_api") == "blas"]
-    except Exception:  # pragma: no cover
-        pass
-    return info
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=10_000)
@@ -296,7 +264,7 @@ def main(argv=None) -> int:
         "similarity_matrix_mb": args.n * args.n * 4 / 2**20,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
-        "machine": machine_info(),
+        "machine": C.machine_info(("numpy",)),
         "rows": rows,
         "targets": {"ratio_to_floor_max": 2.0, "ratio_to_floor_aim": 1.5,
                     "max_abs_diff": 1e-6},
