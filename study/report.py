@@ -52,8 +52,8 @@ def fetch_runs(tracking_uri: str, study: str) -> tuple[Any, list[Any]]:
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(study)
     if exp is None:
-        raise LookupError(f"no study `{study}` at {tracking_uri}; studies there: "
-                          + ", ".join(e.name for e in client.search_experiments()) or "none")
+        known = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise LookupError(f"no study `{study}` at {tracking_uri}; studies there: {known}")
     parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
@@ -85,7 +85,8 @@ def summarize(children: Sequence[Any]) -> tuple[list[dict[str, Any]], list[dict[
         if run.info.status == "FINISHED":
             groups[_group_key(run)].append(run)
         elif run.info.status == "FAILED":
-            failed.append({"run": run.info.run_name or run.info.run_id, "error": run.data.tags.get("lc.error", "").strip().splitlines()[-1:][0] if run.data.tags.get("lc.error") else ""})
+            error_lines = run.data.tags.get("lc.error", "").strip().splitlines()
+            failed.append({"run": run.info.run_name or run.info.run_id, "error": error_lines[-1] if error_lines else ""})
     rows = []
     for key in sorted(groups, key=_sort_key):
         runs = groups[key]
