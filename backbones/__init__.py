@@ -12,7 +12,7 @@ from . import _datasets, _zoo  # noqa: F401  (importing them registers the entri
 from ._cache import CacheWarning, cache_root
 from ._datasets import ImageSet, data_root, load_dataset
 from ._extract import EXTRACTOR_VERSION, Features, extract, extraction_count
-from ._models import Backbone, load, load_classifier, weights_id
+from ._models import Backbone, is_prepared, load, load_classifier, weights_id
 from ._registry import (
     BackboneCfg,
     DatasetCfg,
@@ -46,6 +46,7 @@ __all__ = [
     "dataset_cfg",
     "extract",
     "extraction_count",
+    "is_prepared",
     "list_backbones",
     "list_datasets",
     "load",

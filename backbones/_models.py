@@ -135,6 +135,13 @@ def _weights_memo_key(cfg: BackboneCfg, cache_dir: PathLike | None) -> tuple[obj
     return (cfg,)
 
 
+def is_prepared(name: str, *, cache_dir: PathLike | None = None) -> bool:
+    """False only for a project-trained backbone whose checkpoint is not in the cache yet
+    (`load` would train it first). The file is not verified here: `load` does that."""
+    cfg = backbone_cfg(name)
+    return cfg.train is None or checkpoint_path(cache_root(cache_dir), cfg.train).exists()
+
+
 def weights_id(name: str, *, cache_dir: PathLike | None = None, device: str | torch.device = "cpu") -> str:
     """`load(name).weights_id` without building the model where the weights file suffices.
 

@@ -4,8 +4,11 @@ Both backbones are frozen; these small linear maps are the only trained
 parameters. Backward kinds are a registry (`BACKWARD_KINDS`): adding a kind is
 one builder function and one entry.
 
-- ``orthogonal``: B = exp(P) with P skew-symmetric, no bias, through
-  ``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map="matrix_exp")``.
+- ``orthogonal``: B = exp(P) with P skew-symmetric, no bias: the map of
+  ``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map="matrix_exp")``
+  (W = base @ exp(P), P = X.tril(-1) - X.tril(-1)^T, X trained, starting at 0),
+  with exp computed by `study.skew_expm.expm_skew` (one eigendecomposition; an
+  exact gradient 3-4x cheaper than torch's and closer to orthogonal in float32).
   Every angle and distance of the new space is preserved. W = base @ exp(P)
   never leaves the connected component of its init: from B = I only rotations
   (det +1) are reachable. Without a bias it cannot absorb a mean offset between
@@ -28,10 +31,13 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import orthogonal as _orthogonal_parametrization
+from torch.nn.utils import parametrize
+
+from study.skew_expm import expm_skew
 
 __all__ = [
     "BACKWARD_KINDS",
+    "SkewExp",
     "make_backward",
     "make_forward",
     "backward_weight",
@@ -67,17 +73,29 @@ def _init_weight(shape: tuple[int, int], init: str, generator: torch.Generator |
     raise ValueError(f"unknown init {init!r}; allowed: 'identity', 'torch'")
 
 
+class SkewExp(nn.Module):
+    """Parametrization W = base @ exp(X.tril(-1) - X.tril(-1)^T) of an orthogonal weight."""
+
+    def __init__(self, base: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("base", base)
+
+    def forward(self, X: Tensor) -> Tensor:
+        lower = X.tril(-1)
+        return self.base @ expm_skew(lower - lower.mT)
+
+
 def _orthogonal(n: int, init: str, generator: torch.Generator | None) -> nn.Module:
+    if init == "identity":
+        base = torch.eye(n)
+    else:  # a random orthogonal start (QR of a seeded Gaussian, signs fixed)
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=generator))
+        base = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
     lin = nn.Linear(n, n, bias=False)
     with torch.no_grad():
-        if init == "identity":
-            lin.weight.copy_(torch.eye(n))
-        else:  # a random orthogonal start (QR of a seeded Gaussian, signs fixed)
-            q, r = torch.linalg.qr(torch.randn(n, n, generator=generator))
-            lin.weight.copy_(q * torch.sign(torch.diagonal(r)).unsqueeze(0))
-    # The weight is orthogonal, so the parametrization keeps it as its base and
-    # starts its skew-symmetric parameter at 0: W = base @ exp(P), P = 0.
-    return _orthogonal_parametrization(lin, orthogonal_map="matrix_exp")
+        lin.weight.zero_()  # the trained X: W = base @ exp(0) = base at the start
+    parametrize.register_parametrization(lin, "weight", SkewExp(base), unsafe=True)
+    return lin
 
 
 def _affine(n: int, init: str, generator: torch.Generator | None) -> nn.Module:

@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 import yaml
 
-import backbones
 from study.config import TrialConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -304,6 +303,7 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
     if not NAME_RE.match(name) or ".." in name:
         raise c.fail("name", f"`{name}` is not allowed: use 1-100 of [A-Za-z0-9_.-], starting with a letter or digit, no `/` or `..`")
 
+    import backbones  # here, not at the top: Ray workers import this module and need no registry
     known_bb = backbones.list_backbones()
     known_ds = backbones.list_datasets()
 
@@ -425,6 +425,7 @@ def _range(c: _Checker, value: Any, keypath: str, *, low: float, low_open: bool)
 
 
 def _default_eval_split(dataset: str) -> str:
+    import backbones
     splits = backbones.dataset_cfg(dataset).splits
     for name in ("test", "val", "all"):
         if name in splits:

@@ -58,7 +58,7 @@ from study.losses import LOSSES
 from study.regularizers import build_regularizer
 from study.trainer import DivergedError, resolve_device, train
 
-__all__ = ["TrialData", "TrialResult", "run_trial", "load_adapters", "DivergedError"]
+__all__ = ["TrialData", "TrialResult", "run_trial", "normalize_rows", "load_adapters", "DivergedError"]
 
 NAN = float("nan")
 
@@ -71,7 +71,10 @@ class TrialData:
     `backbones.Features`. old_* are phi_old's features (d-dim), new_* phi_new's
     (n-dim) of the *same images in the same order* (labels must match).
     `zero_shot` maps a set name (no '/', not 'mean') to new-model features of a
-    held-out set, used only for zero-shot retention.
+    held-out set, used only for zero-shot retention. `normalized=True` says every
+    `.x` already went through `normalize_rows` (as a study's driver does once for
+    all its trials), so a trial with `normalize=True` uses the arrays as they are
+    instead of making its own normalised copy.
     """
 
     old_train: Any
@@ -79,6 +82,7 @@ class TrialData:
     old_eval: Any
     new_eval: Any
     zero_shot: dict[str, Any] = field(default_factory=dict)
+    normalized: bool = False
 
     def __post_init__(self) -> None:
         for split in ("train", "eval"):
@@ -128,13 +132,22 @@ class TrialResult:
 
 
 # ---------------------------------------------------------------------------
-def _tensor(features: Any, normalize: bool, device: torch.device, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """float32 features on `device`, L2-normalised if asked, minus `shift` if given; int64 labels."""
+def _float32(x: Any, device: torch.device | None = None) -> Tensor:
     with warnings.catch_warnings():
         # Features from Ray's object store are read-only shared memory; they are never written
         # (normalising and shifting make new tensors), so share them instead of copying.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        x = torch.as_tensor(np.asarray(features.x, dtype=np.float32), device=device)
+        return torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
+
+
+def normalize_rows(x: Any) -> np.ndarray:
+    """float32 rows L2-normalised exactly as a trial with `normalize=True` does it (torch's F.normalize)."""
+    return Fn.normalize(_float32(x), dim=1).numpy()
+
+
+def _tensor(features: Any, normalize: bool, device: torch.device, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """float32 features on `device`, L2-normalised if asked, minus `shift` if given; int64 labels."""
+    x = _float32(features.x, device)
     if normalize:
         x = Fn.normalize(x, dim=1)
     if shift is not None:
@@ -218,11 +231,11 @@ class _Evaluator:
 
 
 def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None, device,
-               shift: Tensor | None) -> dict[str, float]:
+               shift: Tensor | None, normalize: bool) -> dict[str, float]:
     out: dict[str, float] = {}
     deltas = []
     for name, feats in zero_shot.items():
-        z, y = _tensor(feats, cfg.normalize, device, shift)
+        z, y = _tensor(feats, normalize, device, shift)
         yn = y.cpu().numpy()
         new_top1 = float(metrics.retrieval(_np(z), _np(z), yn, yn, leave_one_out=True,
                                            distance=cfg.distance, topk=(1,))["top1"])
@@ -285,15 +298,19 @@ def run_trial(
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     d, n = data.d, data.n
+    if data.normalized and not cfg.normalize:
+        raise ValueError("the features are already L2-normalised (`TrialData.normalized`) but the config "
+                         "has normalize=False")
+    norm = cfg.normalize and not data.normalized
 
-    old_tr, y_tr = _tensor(data.old_train, cfg.normalize, device)
-    new_tr, _ = _tensor(data.new_train, cfg.normalize, device)
+    old_tr, y_tr = _tensor(data.old_train, norm, device)
+    new_tr, _ = _tensor(data.new_train, norm, device)
     old_mu = new_mu = None
     if cfg.center:  # the train split's means, applied to every split of the same model
         old_mu, new_mu = old_tr.mean(0), new_tr.mean(0)
         old_tr, new_tr = old_tr - old_mu, new_tr - new_mu
-    old_ev, y_ev = _tensor(data.old_eval, cfg.normalize, device, old_mu)
-    new_ev, _ = _tensor(data.new_eval, cfg.normalize, device, new_mu)
+    old_ev, y_ev = _tensor(data.old_eval, norm, device, old_mu)
+    new_ev, _ = _tensor(data.new_eval, norm, device, new_mu)
     evaluator = _Evaluator(cfg, old_ev, new_ev, y_ev)
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -354,7 +371,7 @@ def run_trial(
         out[K.ORTH] = 0.0
     else:
         out[K.ORTH] = float(orthogonality_deviation(B_eval.weight.double()))
-    out.update(_zero_shot(cfg, data.zero_shot, B_eval, device, new_mu))
+    out.update(_zero_shot(cfg, data.zero_shot, B_eval, device, new_mu, norm))
 
     y_np = evaluator.y
     if b_new is not None and f_old is not None:

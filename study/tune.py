@@ -31,13 +31,18 @@ _RAY_KEYS = {
     "iterations_since_restore", "time_since_restore", "experiment_id", "final", "node_id",
 }
 GRID_KEY = "trial"
-ENV_FORWARD = ("HF_HUB_OFFLINE", "LAMBDA_COMPAT_CACHE", "LAMBDA_COMPAT_DATA", "LAMBDA_COMPAT_FAULT")
+ENV_FORWARD = ("HF_HUB_OFFLINE", "LAMBDA_COMPAT_CACHE", "LAMBDA_COMPAT_DATA", "LAMBDA_COMPAT_FAULT",
+               "MALLOC_ARENA_MAX")
+# glibc gives every thread its own malloc arena and keeps freed blocks there: a trial's workers
+# held ~250 MB of freed memory each with the default (benchmarks/bench_memory.py). Two arenas
+# cost nothing measurable in speed. A value set in the environment wins.
+WORKER_ENV_DEFAULTS = {"MALLOC_ARENA_MAX": "2"}
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Start a local Ray (address None) or connect to a cluster ('auto', 'ray://...')."""
-    env = {k: os.environ[k] for k in ENV_FORWARD if k in os.environ}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    env = {**WORKER_ENV_DEFAULTS, **{k: os.environ[k] for k in ENV_FORWARD if k in os.environ}}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}}
     if address is None:
         # address="local": always a fresh private Ray, never one left running by `ray start`.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
@@ -63,11 +68,18 @@ def _extract(key: FeatureKey) -> tuple[Any, Any, dict[str, Any]]:
     return feats.x, feats.y, dict(feats.meta)
 
 
+def _driver_is_the_only_node() -> bool:
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    return len(alive) == 1 and alive[0].get("NodeID") == ray.get_runtime_context().get_node_id()
+
+
 def feature_phase(spec: StudySpec, log: Callable[[str], None] = print) -> tuple[FeatureStore, dict[str, int]]:
     """Train what the project trains, then extract every unique key once (cached on disk)."""
     import backbones
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     trained = [b for b in spec.backbone_names if backbones.backbone_cfg(b).source == "trained"]
+    if _driver_is_the_only_node():  # the driver sees the workers' cache: skip what is there already
+        trained = [b for b in trained if not backbones.is_prepared(b)]
     if trained:
         log(f"[features] preparing {len(trained)} project-trained backbone(s): {', '.join(trained)}")
         ray.get([_prepare_backbone.options(num_cpus=1, num_gpus=gpus).remote(b) for b in trained])
@@ -87,6 +99,22 @@ def feature_phase(spec: StudySpec, log: Callable[[str], None] = print) -> tuple[
             f"({'cache' if meta.get('from_cache') else 'extracted'})")
     log(f"[features] done in {time.perf_counter() - t0:.1f}s: {counts['extracted']} extracted, {counts['from_cache']} from cache")
     return store, counts
+
+
+def share_features(spec: StudySpec, store: FeatureStore) -> tuple[FeatureStore, bool]:
+    """The store as the trials will read it, and whether it is L2-normalised.
+
+    With the study's `train.normalize` on (the default) every array is normalised here,
+    once, exactly as a trial would (`study.trial.normalize_rows`): trials then use the
+    object store's single read-only copy as it is, instead of each making its own
+    normalised copy of every feature it reads.
+    """
+    from study.config import TrialConfig
+    from study.trial import normalize_rows
+
+    if not bool(spec.train.get("normalize", TrialConfig.normalize)):
+        return store, False
+    return {key: (normalize_rows(x), y) for key, (x, y) in store.items()}, True
 
 
 # ---------------------------------------------------------------------------
@@ -109,8 +137,10 @@ def trial_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_one(config: dict[str, Any], features: FeatureStore, table: TrialTable) -> None:
-    """One trial: per-epoch reports, then the final metrics with the adapters as a checkpoint."""
+def run_one(config: dict[str, Any], features: FeatureStore, table: TrialTable, normalized: bool = False) -> None:
+    """One trial: per-epoch reports, then the final metrics with the adapters as a checkpoint.
+
+    `normalized`: the store holds `share_features`' L2-normalised arrays."""
     import torch
 
     from study.trial import TrialData, run_trial
@@ -130,6 +160,7 @@ def run_one(config: dict[str, Any], features: FeatureStore, table: TrialTable) -
         old_eval=feats(config["old"], config["dataset"], config["eval_split"]),
         new_eval=feats(config["new"], config["dataset"], config["eval_split"]),
         zero_shot=zero_shot,
+        normalized=normalized,
     )
     _inject_fault(config)
 
@@ -315,10 +346,13 @@ def _reporter(spec: StudySpec, total: int) -> tune.CLIReporter:
 
 
 def make_tuner(spec: StudySpec, exp: Experiment, features: FeatureStore, tracker: StudyTracker, *,
-               storage: str, max_concurrent: int | None = None) -> tune.Tuner:
-    """A new Tuner, or the restored one when the experiment folder holds an interrupted run."""
-    trainable = tune.with_resources(tune.with_parameters(run_one, features=features, table=exp.table),
-                                    {"cpu": spec.cpu, "gpu": spec.gpu})
+               storage: str, max_concurrent: int | None = None, normalized: bool = False) -> tune.Tuner:
+    """A new Tuner, or the restored one when the experiment folder holds an interrupted run.
+
+    `features` as `share_features` returns them, `normalized` its flag."""
+    trainable = tune.with_resources(
+        tune.with_parameters(run_one, features=features, table=exp.table, normalized=normalized),
+        {"cpu": spec.cpu, "gpu": spec.gpu})
     path = os.path.join(storage, exp.name)
     if tune.Tuner.can_restore(path):
         # The space is passed again: a driver killed early can leave a tuner.pkl without it.

@@ -59,7 +59,10 @@ def test_checkpoint_is_cached_and_verified(tmp_path: Path, monkeypatch: pytest.M
     entry = backbones.BackboneCfg("tiny", "trained", "resnet18", 8, 32, offline=True, fixed_input_size=True,
                                   train=cfg)
     monkeypatch.setitem(_registry._BACKBONES, "tiny", entry)
+    assert not backbones.is_prepared("tiny", cache_dir=tmp_path)
+    assert backbones.is_prepared("tf_efficientnet_lite0", cache_dir=tmp_path)  # nothing to train
     first = backbones.load("tiny", cache_dir=tmp_path)
+    assert backbones.is_prepared("tiny", cache_dir=tmp_path)
     path = _train.checkpoint_path(tmp_path, cfg)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["config"]["classes"] == [0, 1] and ckpt["digest"] == first.weights_id

@@ -125,3 +125,32 @@ def test_dry_run_counts(capsys) -> None:
 def test_space_error_is_value_error() -> None:
     err = SpaceError("f.yaml", "a.b", "bad")
     assert str(err) == "f.yaml: a.b: bad" and isinstance(err, ValueError)
+
+
+def test_ray_workers_do_not_import_the_backbone_registry() -> None:
+    """A trial's worker unpickles study.tune.run_one: that import must not pull timm/torchvision
+    (about 110 MB per worker) through study.space."""
+    import subprocess
+    import sys
+
+    code = "import sys, study.tune; print(sorted(m for m in ('backbones', 'timm', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_share_features_normalises_once_when_the_study_does(normalize: bool) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from study.tune import share_features
+
+    spec = load_space(SPACES / "smoke.yaml")
+    spec = dataclasses.replace(spec, train={**spec.train, "normalize": normalize})
+    x = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32) * 4
+    store, normalized = share_features(spec, {"k": (x, np.arange(20))})
+    assert normalized is normalize
+    expected = x / np.linalg.norm(x, axis=1, keepdims=True) if normalize else x
+    np.testing.assert_allclose(store["k"][0], expected, rtol=1e-6)
+    assert store["k"][1] is not None and (store["k"][1] == np.arange(20)).all()

@@ -228,3 +228,38 @@ def test_center_shifts_every_split_by_the_train_mean():
     ref = metrics.retrieval(unit(data.old_eval.x) - mu, unit(data.old_eval.x) - mu, y, y, leave_one_out=True)
     assert r.metrics["old/old/mAP"] == pytest.approx(ref["mAP"], rel=1e-6)
     assert r.metrics["zs/z1"] == 0.0  # still the same (centred) new space: orthogonal B keeps it
+
+
+def _prenormalised(data: TrialData) -> TrialData:
+    from study.trial import normalize_rows
+
+    part = lambda f: NS(x=normalize_rows(f.x), y=f.y)  # noqa: E731
+    return TrialData(part(data.old_train), part(data.new_train), part(data.old_eval), part(data.new_eval),
+                     {k: part(v) for k, v in data.zero_shot.items()}, normalized=True)
+
+
+def test_normalize_rows_gives_unit_rows_in_float32():
+    from study.trial import normalize_rows
+
+    x = np.random.default_rng(0).normal(size=(50, 7)) * 3.0
+    out = normalize_rows(x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method,center", [("lambda", False), ("orthogonal", True), ("independent", False)])
+def test_prenormalised_features_give_the_same_trial(method, center):
+    """A study normalises its shared features once (study.tune.share_features): same metrics, same weights."""
+    data = _data(d=6, n=8)
+    cfg = dict(FAST, method=method, lam=1.0, center=center)
+    a, b = run_trial(cfg, data), run_trial(cfg, _prenormalised(data))
+    for k, v in a.metrics.items():
+        if not k.startswith("time/"):
+            assert v == pytest.approx(b.metrics[k], rel=1e-5, abs=1e-5, nan_ok=True), k
+    for k, v in a.state.items():
+        torch.testing.assert_close(v, b.state[k], rtol=1e-5, atol=1e-6)
+
+
+def test_prenormalised_features_with_normalize_off_is_an_error():
+    with pytest.raises(ValueError, match="already L2-normalised"):
+        run_trial(dict(FAST, method="affine", normalize=False), _prenormalised(_data()))
