@@ -7,7 +7,9 @@
      that size
   2. one paper-size lambda trial (N = 50,000 train, 10,000 eval, n = d = 1024, 100 classes,
      batch 512, 40 epochs, lam 12, alpha 10) on the GPU: train / eval seconds; orthogonal and
-     affine for a few epochs for the per-epoch cost of each parametrisation
+     affine for a few epochs for the per-epoch cost of each parametrisation; and exp(P)
+     fwd + bwd at n = 1024 by both of study.skew_expm's methods (eigh, matrix_exp), to check
+     that "auto" (matrix_exp on CUDA) picks the faster one there
   3. evaluation (study.metrics.retrieval, exact leave-one-out top-1/5 + mAP, NumPy on the
      host's CPUs) at N = 50,000, D = 1024, next to the N x N similarity matmul on the GPU
   4. trials/hour per GPU at 1, 2 and 4 concurrent trials per GPU: the CLI's path
@@ -183,6 +185,9 @@ def part_trial(args, cuda: bool) -> dict:
             ("orthogonal", {}, args.short_epochs if cuda else 1),
             ("affine", {}, args.short_epochs if cuda else 1)]
     device = "cuda" if cuda else "cpu"
+    expm = _expm_times(dim, device, cuda)
+    print("[trial] exp(P) fwd+bwd at n={n}: ".format(n=dim)
+          + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in expm.items()), flush=True)
     for method, extra, epochs in plan:
         if elapsed() > args.budget_s:
             rows.append({"method": method, "skipped": "time budget spent"})
@@ -200,7 +205,30 @@ def part_trial(args, cuda: bool) -> dict:
         print(f"[trial] {method} {epochs} epochs, N={n_train}: {total:.1f} s (train {tr:.1f}, eval {ev:.1f})", flush=True)
     if cuda:
         torch.cuda.empty_cache()
-    return {"rows": rows}
+    return {"rows": rows, "expm_fwd_bwd_s": expm, "expm_n": dim}
+
+
+def _expm_times(n: int, device: str, cuda: bool, repeat: int = 5) -> dict[str, float]:
+    """Best-of-`repeat` fwd + bwd seconds of study.skew_expm.expm_skew per method, on one skew P."""
+    import torch
+
+    from study.skew_expm import expm_skew
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, n, generator=g) * (0.7 / n**0.5)
+    P = (X.tril(-1) - X.tril(-1).mT).to(device).requires_grad_(True)
+    G = torch.randn(n, n, generator=g).to(device)
+    out = {}
+    for method in ("eigh", "matrix_exp"):
+        times = []
+        for _ in range(repeat + 1):
+            sync(cuda)
+            t = time.perf_counter()
+            (expm_skew(P, method) * G).sum().backward()
+            sync(cuda)
+            times.append(time.perf_counter() - t)
+        out[method] = min(times[1:])
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -411,6 +439,10 @@ def print_tables(result: dict) -> None:
             rows.append(["trial", f"{r['method']}, N={r['n_train']}, eval {r['n_eval']}, n=d={r['dim']}, {r['epochs']} ep",
                          f"{r['total_s']:.1f} s (train {r['train_s']:.1f} = {r['train_per_epoch_s']:.2f} s/epoch, "
                          f"eval {r['eval_s']:.1f})"])
+    if "expm_fwd_bwd_s" in p.get("trial", {}):
+        t = p["trial"]
+        rows.append(["trial", f"exp(P) fwd+bwd, n={t['expm_n']} (study.skew_expm)",
+                     ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in t["expm_fwd_bwd_s"].items())])
     e = p.get("eval", {})
     if "n" in e:
         rows.append(["eval", f"retrieval N={e['n']}, D={e['d']} (CPU, {e['cpu_threads']} threads)",

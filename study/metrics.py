@@ -67,7 +67,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -77,6 +77,7 @@ __all__ = [
     "retrieval_brute_force",
     "backfill_order",
     "backfill_curve",
+    "backfill_curves",
     "curve_area",
     "ecc",
     "ecc_margin",
@@ -373,39 +374,53 @@ def retrieval(query, gallery, query_labels, gallery_labels, *, leave_one_out: bo
     """
     q, g, same, ql, gl, ks = _validate(query, gallery, query_labels, gallery_labels,
                                        leave_one_out, distance, topk)
-    n = q.shape[0]
-    pos = _Positives(gl)
-    first = np.zeros(n, dtype=np.int64)
-    ap = np.zeros(n, dtype=np.float64)
-    npos_all = np.zeros(n, dtype=np.int64)
+    acc = _Ranking(ql, gl, leave_one_out)
     threads = _default_threads() if num_threads is None else max(1, int(num_threads))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for q0, block in _score_blocks(q, g, same, distance, chunk_size):
+            acc.add_block(pool, threads, q0, block)
+    return acc.summary(ks)
 
-    def work(q0: int, block: np.ndarray, a: int, b: int) -> None:
+
+class _Ranking:
+    """Per-query first-positive rank and AP, filled block by block (the fast path's core)."""
+
+    def __init__(self, query_labels: np.ndarray, gallery_labels: np.ndarray, leave_one_out: bool) -> None:
+        n = query_labels.shape[0]
+        self.ql, self.leave_one_out = query_labels, leave_one_out
+        self.pos = _Positives(gallery_labels)
+        self.first = np.zeros(n, dtype=np.int64)
+        self.ap = np.zeros(n, dtype=np.float64)
+        self.npos = np.zeros(n, dtype=np.int64)
+
+    def _rows(self, q0: int, block: np.ndarray, a: int, b: int) -> None:
         rows = np.arange(q0 + a, q0 + b)
-        pidx, valid = pos.for_queries(ql[rows])
-        if leave_one_out:
+        pidx, valid = self.pos.for_queries(self.ql[rows])
+        if self.leave_one_out:
             valid = valid & (pidx != rows[:, None])
         npos = valid.sum(axis=1)
         ranks = _positive_ranks(block[a:b], pidx, valid)
         k = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)
         prec = np.where(k[None, :] <= npos[:, None], k[None, :] / ranks, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            ap[rows] = prec.sum(axis=1) / npos
-        first[rows] = ranks[:, 0]
-        npos_all[rows] = npos
+            self.ap[rows] = prec.sum(axis=1) / npos
+        self.first[rows] = ranks[:, 0]
+        self.npos[rows] = npos
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for q0, block in _score_blocks(q, g, same, distance, chunk_size):
-            b = block.shape[0]
-            if leave_one_out:
-                r = np.arange(b)
-                block[r, q0 + r] = -np.inf
-            edges = np.linspace(0, b, min(threads, b) + 1).astype(int)
-            futures = [pool.submit(work, q0, block, int(lo), int(hi))
-                       for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
-            for f in futures:
-                f.result()
-    return _summarise(first, ap, npos_all > 0, ks)
+    def add_block(self, pool: ThreadPoolExecutor, threads: int, q0: int, block: np.ndarray) -> None:
+        """Rank the score rows q0:q0+len(block) (modifies `block`: leave-one-out items -> -inf)."""
+        b = block.shape[0]
+        if self.leave_one_out:
+            r = np.arange(b)
+            block[r, q0 + r] = -np.inf
+        edges = np.linspace(0, b, min(threads, b) + 1).astype(int)
+        futures = [pool.submit(self._rows, q0, block, int(lo), int(hi))
+                   for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+        for f in futures:
+            f.result()
+
+    def summary(self, ks: tuple[int, ...]) -> dict[str, float]:
+        return _summarise(self.first, self.ap, self.npos > 0, ks)
 
 
 # --------------------------------------------------------------------------
@@ -447,7 +462,24 @@ def backfill_curve(query, gallery_old_side, gallery_new_side, labels, order, *,
     that beta = 0.35 with N = 100 replaces 35 items, not 34.
 
     Returns ``(betas, values)``, values in percent for ``metric`` in
-    ``"top1"``, ``"top<k>"``, ``"mAP"``.
+    ``"top1"``, ``"top<k>"``, ``"mAP"``. One curve of :func:`backfill_curves`.
+    """
+    betas, values = backfill_curves(query, gallery_old_side, gallery_new_side, labels, {"order": order},
+                                    points=points, distance=distance, metric=metric, chunk_size=chunk_size)
+    return betas, values["order"]
+
+
+def backfill_curves(query, gallery_old_side, gallery_new_side, labels, orders: Mapping[str, object], *,
+                    points: int = 21, distance: str = "cosine", metric: str = "top1",
+                    chunk_size: int | None = None,
+                    num_threads: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`backfill_curve` for several orders at once: ``(betas, {name: values})``.
+
+    Every gallery of every curve is item-wise either the old or the new side, so
+    each block of query rows is scored against the two sides once (two matmuls)
+    and each curve point only selects its columns, instead of one matmul per
+    point and order. The scores are those of :func:`retrieval` on the mixed
+    gallery: the same float32 dot products of the same normalised rows.
     """
     q = _as_features(query, "query")
     old = _as_features(gallery_old_side, "gallery_old_side")
@@ -457,25 +489,38 @@ def backfill_curve(query, gallery_old_side, gallery_new_side, labels, order, *,
         raise ValueError("`query`, `gallery_old_side` and `gallery_new_side` must have the same "
                          f"shape, got {q.shape}, {old.shape}, {new.shape}")
     y = _as_labels(labels, n, "labels")
-    order = np.asarray(order)
-    if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
-        raise ValueError(f"`order` must be a permutation of 0..{n - 1}")
+    position: dict[str, np.ndarray] = {}   # name -> where each item sits in that order
+    for name, order in orders.items():
+        order = np.asarray(order)
+        if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+            raise ValueError(f"`order` must be a permutation of 0..{n - 1}")
+        position[name] = np.empty(n, dtype=np.int64)
+        position[name][order] = np.arange(n)
     if int(points) < 2:
         raise ValueError(f"`points` must be >= 2, got {points!r}")
     k = _check_metric(metric)
     ks = (1,) if k is None else (k,)
+    _check_distance(distance)
     betas = np.linspace(0.0, 1.0, int(points))
     counts = np.floor(np.round(betas * n, 9)).astype(np.int64)
-    values = np.empty(betas.size)
-    gallery = old.copy()
-    done = 0
-    for i, c in enumerate(counts):
-        idx = order[done:c]
-        gallery[idx] = new[idx]
-        done = c
-        values[i] = retrieval(q, gallery, y, y, leave_one_out=True, distance=distance,
-                              topk=ks, chunk_size=chunk_size)[metric]
-    return betas, values
+
+    def curve_key(name: str, c: int) -> tuple[str, int]:
+        return ("", int(c)) if c in (0, n) else (name, int(c))   # all-old and all-new are shared
+
+    ranking = {curve_key(name, c): _Ranking(y, y, True) for name in position for c in counts}
+    threads = _default_threads() if num_threads is None else max(1, int(num_threads))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for (q0, s_old), (_, s_new) in zip(_score_blocks(q, old, False, distance, chunk_size),
+                                           _score_blocks(q, new, False, distance, chunk_size)):
+            done = set()
+            for name, pos in position.items():
+                for c in counts:
+                    key = curve_key(name, c)
+                    if key not in done:
+                        done.add(key)
+                        ranking[key].add_block(pool, threads, q0, np.where(pos < c, s_new, s_old))
+    return betas, {name: np.array([ranking[curve_key(name, c)].summary(ks)[metric] for c in counts])
+                   for name in position}
 
 
 def curve_area(betas, values) -> float:

@@ -24,6 +24,10 @@ shared by forward and backward. V is unitary to working precision, so the
 result is also closer to orthogonal than the Taylor/Pade route in float32
 (see ``tests/test_skew_expm.py`` and ``benchmarks/bench_trial.py``).
 
+On a GPU the trade is the other way round (matrix products are cheap there,
+eigensolvers are latency-bound), so ``method="auto"`` keeps torch's
+``matrix_exp`` for CUDA tensors; ``benchmarks/gpu_check.py`` times both.
+
 Pure torch; float64 inputs work in complex128, everything else in complex64.
 """
 from __future__ import annotations
@@ -33,7 +37,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["expm_skew"]
+__all__ = ["expm_skew", "METHODS"]
+
+METHODS = ("auto", "eigh", "matrix_exp")
 
 
 def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,17 +70,23 @@ class _ExpmSkew(torch.autograd.Function):
         return _real_of_product(V @ (M * phi), V).to(ctx.out_dtype)
 
 
-def expm_skew(A: Tensor) -> Tensor:
+def expm_skew(A: Tensor, method: str = "auto") -> Tensor:
     """exp(A) for a real skew-symmetric square matrix A (A^T = -A), differentiable.
 
-    Only the skew-symmetric part of A is used: a non-skew input gives exp of
-    something else, silently, so build A as ``X - X.mT``. The result is
-    orthogonal with det +1. Raises ``ValueError`` for a non-square or non-real input.
+    A must be skew-symmetric (build it as ``X - X.mT``): the "eigh" method reads
+    only its lower triangle. The result is orthogonal with det +1. `method`:
+    "eigh" (this module's), "matrix_exp" (torch's), "auto" (eigh on the CPU,
+    matrix_exp on other devices). Raises ``ValueError`` for a non-square or
+    non-real input or an unknown method.
     """
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
         raise ValueError(f"expm_skew needs a square matrix, got shape {tuple(A.shape)}")
     if A.is_complex() or not A.is_floating_point():
         raise ValueError(f"expm_skew needs a real floating-point matrix, got {A.dtype}")
+    if method not in METHODS:
+        raise ValueError(f"expm_skew: unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if method == "matrix_exp" or (method == "auto" and A.device.type != "cpu"):
+        return torch.linalg.matrix_exp(A)
     if A.dtype in (torch.float16, torch.bfloat16):
         return _ExpmSkew.apply(A.float()).to(A.dtype)
     return _ExpmSkew.apply(A)

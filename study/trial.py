@@ -262,20 +262,17 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _backfill(cfg: TrialConfig, y: np.ndarray, query: np.ndarray, old_side: np.ndarray,
               new_side: np.ndarray) -> tuple[dict[str, float], dict[str, list[float]]]:
-    curves: dict[str, list[float]] = {}
+    # the paper's order in the retrieval geometry: with cosine, distances between unit vectors
+    ordering_side = _unit(old_side) if cfg.distance == "cosine" else old_side
+    orders = {kind: metrics.backfill_order(ordering_side, y, kind=kind, seed=cfg.seed) for kind in ("paper", "random")}
+    betas, values = metrics.backfill_curves(query, old_side, new_side, y, orders, points=cfg.backfill_points,
+                                            distance=cfg.distance, metric=cfg.backfill_metric)
+    curves: dict[str, list[float]] = {K.CURVE_BETA: [float(b) for b in betas]}
     out: dict[str, float] = {}
     for kind, key, curve_key in (("paper", K.BACKFILL_AUC_PAPER, K.CURVE_PAPER),
                                  ("random", K.BACKFILL_AUC_RANDOM, K.CURVE_RANDOM)):
-        # the paper's order in the retrieval geometry: with cosine, distances between unit vectors
-        ordering_side = _unit(old_side) if cfg.distance == "cosine" else old_side
-        order = metrics.backfill_order(ordering_side, y, kind=kind, seed=cfg.seed)
-        betas, values = metrics.backfill_curve(
-            query, old_side, new_side, y, order, points=cfg.backfill_points,
-            distance=cfg.distance, metric=cfg.backfill_metric,
-        )
-        curves[K.CURVE_BETA] = [float(b) for b in betas]
-        curves[curve_key] = [float(v) for v in values]
-        out[key] = metrics.curve_area(betas, values)
+        curves[curve_key] = [float(v) for v in values[kind]]
+        out[key] = metrics.curve_area(betas, values[kind])
     return out, curves
 
 

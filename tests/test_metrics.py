@@ -252,6 +252,41 @@ def test_backfill_curve_replaces_the_first_items_of_the_order():
     assert values[7] == pytest.approx(retrieval(new, mixed, y, y, leave_one_out=True)["mAP"])
 
 
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("chunk_size", [7, None])
+def test_backfill_curves_match_brute_force_on_each_mixed_gallery(distance, chunk_size):
+    """Every point of every curve against retrieval_brute_force on the gallery built item by item.
+    Small-integer features with l2 give exact integer scores (many ties), so any BLAS blocking
+    scores them identically and the comparison is exact."""
+    rng = np.random.default_rng(11)
+    n = 60
+    y = rng.integers(0, 6, size=n)
+    if distance == "l2":
+        q, old, new = (rng.integers(-2, 3, size=(n, 3)).astype(np.float32) for _ in range(3))
+        tol = 1e-9
+    else:
+        old, new, y = _pair(seed=12, n=n)
+        q = new
+        tol = 1e-6
+    orders = {"paper": backfill_order(old, y, kind="paper"), "random": backfill_order(old, y, kind="random", seed=2),
+              "reverse": np.arange(n)[::-1]}
+    for metric in ("top1", "top5", "mAP"):
+        betas, curves = metrics.backfill_curves(q, old, new, y, orders, points=7, distance=distance, metric=metric,
+                                                chunk_size=chunk_size)
+        assert set(curves) == set(orders)
+        counts = np.floor(np.round(betas * n, 9)).astype(int)
+        for name, order in orders.items():
+            for c, value in zip(counts, curves[name]):
+                mixed = old.copy()
+                mixed[order[:c]] = new[order[:c]]
+                ref = retrieval_brute_force(q, mixed, y, y, leave_one_out=True, distance=distance,
+                                            topk=(1, 5), chunk_size=chunk_size)[metric]
+                assert abs(value - ref) <= tol, (metric, name, c, value, ref)
+            single = backfill_curve(q, old, new, y, order, points=7, distance=distance, metric=metric,
+                                    chunk_size=chunk_size)[1]
+            assert single.tolist() == curves[name].tolist()
+
+
 def test_backfill_order_paper_and_random():
     x = np.array([[0.0], [1.0], [5.0], [10.0], [11.0], [30.0]], np.float32)
     y = np.array([0, 0, 0, 1, 1, 1])

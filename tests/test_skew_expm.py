@@ -110,6 +110,14 @@ def test_rejects_non_square_or_non_real(bad):
         expm_skew(bad)
 
 
+def test_methods_agree_and_unknown_method_is_named():
+    A = _skew(16, 0.4, seed=8)
+    assert torch.allclose(expm_skew(A, "eigh"), expm_skew(A, "matrix_exp"), atol=1e-10)
+    assert torch.allclose(expm_skew(A), expm_skew(A, "eigh"), atol=0)  # auto on the CPU
+    with pytest.raises(ValueError, match="unknown method 'pade'; allowed: auto, eigh, matrix_exp"):
+        expm_skew(A, "pade")
+
+
 @pytest.mark.parametrize("init", ["identity", "torch"])
 def test_orthogonal_adapter_weight_equals_torch_parametrization(init):
     """The orthogonal B's weight equals torch's own orthogonal(matrix_exp) parametrization for the same X."""
