@@ -164,8 +164,9 @@ def _prepare(x: np.ndarray, distance: str) -> tuple[np.ndarray, np.ndarray | Non
     return x, np.einsum("ij,ij->i", x, x)
 
 
-def _default_chunk(n_query: int, n_gallery: int) -> int:
-    return max(1, min(n_query, max(_MIN_CHUNK, _BLOCK_ELEMS // max(1, n_gallery))))
+def _default_chunk(n_query: int, n_gallery: int, blocks: int = 1) -> int:
+    """Query rows per score block so that `blocks` blocks held at once fit the block budget."""
+    return max(1, min(n_query, max(_MIN_CHUNK, _BLOCK_ELEMS // (blocks * max(1, n_gallery)))))
 
 
 def _score_blocks(query: np.ndarray, gallery: np.ndarray, same: bool, distance: str,
@@ -508,6 +509,8 @@ def backfill_curves(query, gallery_old_side, gallery_new_side, labels, orders: M
         return ("", int(c)) if c in (0, n) else (name, int(c))   # all-old and all-new are shared
 
     ranking = {curve_key(name, c): _Ranking(y, y, True) for name in position for c in counts}
+    if chunk_size is None:  # old-side, new-side and mixed scores held at once: a third of the budget each
+        chunk_size = _default_chunk(n, n, blocks=3)
     threads = _default_threads() if num_threads is None else max(1, int(num_threads))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for (q0, s_old), (_, s_new) in zip(_score_blocks(q, old, False, distance, chunk_size),

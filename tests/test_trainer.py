@@ -102,3 +102,48 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.warns(UserWarning, match="using the CPU"):
             assert resolve_device("cuda") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_adam_matches_torch_optim_adam_bit_for_bit(weight_decay):
+    """study.trainer.Adam against torch.optim.Adam (its CPU single-tensor path) on the same gradients."""
+    from study.trainer import Adam
+
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(7, 5, generator=g), torch.randn(5, generator=g)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_ours = Adam(ours, lr=3e-2, weight_decay=weight_decay)
+    opt_ref = torch.optim.Adam(ref, lr=3e-2, weight_decay=weight_decay, foreach=False)
+    x = torch.randn(16, 5, generator=g)
+    for step in range(25):
+        for params, opt in ((ours, opt_ours), (ref, opt_ref)):
+            opt.zero_grad()
+            loss = ((x @ params[0].T).tanh().sum(1) + x @ params[1]).pow(2).mean()
+            if step == 3:  # a parameter without a gradient is left alone by both
+                loss = (x @ params[1]).pow(2).mean()
+            loss.backward()
+            opt.step()
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b), (step, (a - b).abs().max())
+
+
+def test_training_does_not_import_torch_dynamo():
+    """torch.optim would import torch._dynamo (~150 MiB per Ray worker): a trial must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from types import SimpleNamespace as NS\n"
+        "from study.trial import TrialData, run_trial\n"
+        "r = np.random.default_rng(0); y = np.arange(40) % 4\n"
+        "f = lambda d: NS(x=r.normal(size=(40, d)).astype(np.float32), y=y)\n"
+        "run_trial({'method': 'orthogonal', 'epochs': 1, 'batch_size': 20, 'backfill_points': 3},"
+        " TrialData(f(6), f(6), f(6), f(6)))\n"
+        "run_trial({'method': 'lambda', 'lam': 1, 'epochs': 1, 'batch_size': 20, 'backfill_points': 3},"
+        " TrialData(f(6), f(8), f(6), f(8)))\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
