@@ -94,7 +94,7 @@ def _training_tensors(cfg: TrainCfg) -> tuple[torch.Tensor, torch.Tensor]:
         picked.append(idx[: cfg.max_per_class])
     sel = np.sort(np.concatenate(picked))
     prep = train_preprocess(cfg)
-    x = torch.stack([prep(data.images[i]) for i in sel])
+    x = prep.batch([data.images[i] for i in sel])
     remap = {c: k for k, c in enumerate(cfg.classes)}
     y = torch.tensor([remap[int(c)] for c in data.labels[sel]], dtype=torch.int64)
     return x, y

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +42,24 @@ class Preprocess:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def __call__(self, img: Any) -> torch.Tensor:
-        pil = to_pil(img, "L" if self.in_chans == 1 else "RGB")
+        return self.batch([img])[0]
+
+    def batch(self, images: Sequence[Any]) -> torch.Tensor:
+        """[B, C, size, size] float32: PIL resize and crop per image, then one tensor conversion
+        and normalisation for the whole batch (the same arithmetic as TF.to_tensor + TF.normalize
+        per image, bit for bit, at about half the cost for small images)."""
+        mode = "L" if self.in_chans == 1 else "RGB"
         scale = math.floor(self.size / self.crop_pct)
-        pil = TF.resize(pil, scale, interpolation=_INTERPOLATION[self.interpolation])
-        x = TF.to_tensor(TF.center_crop(pil, [self.size, self.size]))
-        return TF.normalize(x, list(self.mean), list(self.std))
+        crops = [np.asarray(TF.center_crop(TF.resize(to_pil(img, mode), scale,
+                                                     interpolation=_INTERPOLATION[self.interpolation]),
+                                           [self.size, self.size]))
+                 for img in images]
+        x = torch.from_numpy(np.stack(crops))
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        x = x.contiguous().to(torch.float32).div(255)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std)
 
 
 def to_pil(img: Any, mode: str) -> Image.Image:

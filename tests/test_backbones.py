@@ -145,6 +145,32 @@ def test_transform_accepts_arrays_and_pil_gray_and_rgb() -> None:
         t(gray.astype("float32"))
 
 
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_batch_preprocessing_equals_torchvision_per_image(in_chans: int) -> None:
+    """Preprocess.batch against torchvision's own per-image chain (resize, centre crop,
+    to_tensor, normalize): bit-identical, for gray, RGB and RGBA inputs."""
+    import math
+
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from backbones._transforms import Preprocess, to_pil
+
+    prep = Preprocess(40, 0.875, "bicubic", (0.485, 0.456, 0.406)[:in_chans], (0.229, 0.224, 0.225)[:in_chans])
+    gray = (torch.arange(28 * 28) % 256).to(torch.uint8).reshape(28, 28).numpy()
+    images = [gray, Image.fromarray(gray), chelsea(), Image.fromarray(chelsea()).convert("RGBA")]
+    mode = "RGB" if in_chans == 3 else "L"
+
+    def reference(img):
+        pil = TF.resize(to_pil(img, mode), math.floor(40 / 0.875), interpolation=TF.InterpolationMode.BICUBIC)
+        return TF.normalize(TF.to_tensor(TF.center_crop(pil, [40, 40])), list(prep.mean), list(prep.std))
+
+    got = prep.batch(images)
+    assert got.shape == (4, in_chans, 40, 40) and got.dtype == torch.float32
+    assert torch.equal(got, torch.stack([reference(img) for img in images]))
+    assert torch.equal(prep(images[2]), got[2])
+
+
 def test_parse_classes() -> None:
     assert parse_classes("0-4") == (0, 1, 2, 3, 4)
     assert parse_classes("0,2,5-6") == (0, 2, 5, 6)

@@ -149,3 +149,21 @@ def test_cli_extract_prints_the_cache_path(
     path = Path(out.out.strip())
     assert path == Path(good.meta["path"].replace(str(cache), str(tmp_path)))
     assert (path / "meta.json").is_file() and "cached" in out.err
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_extraction_batches_in_order_with_and_without_prefetch(prefetch: bool) -> None:
+    """The CUDA path prepares batch k + 1 in a thread: same batches, same order, errors still raised."""
+    images = [np.full((2, 2), i, np.float32) for i in range(10)]
+    prep = lambda ims: torch.stack([torch.as_tensor(im) for im in ims]) * 2  # noqa: E731
+    got = list(extract_module._batches(images, prep, 10, 4, prefetch=prefetch))
+    assert [s for s, _ in got] == [0, 4, 8]
+    assert torch.equal(torch.cat([b for _, b in got]), torch.as_tensor(np.stack(images)) * 2)
+
+    def bad(ims):
+        if any(float(im[0, 0]) == 6 for im in ims):
+            raise ValueError("unreadable image 6")
+        return torch.stack([torch.as_tensor(im) for im in ims])
+
+    with pytest.raises(ValueError, match="unreadable image 6"):
+        list(extract_module._batches(images, bad, 10, 4, prefetch=prefetch))
