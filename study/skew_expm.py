@@ -24,9 +24,10 @@ shared by forward and backward. V is unitary to working precision, so the
 result is also closer to orthogonal than the Taylor/Pade route in float32
 (see ``tests/test_skew_expm.py`` and ``benchmarks/bench_trial.py``).
 
-On a GPU the trade is the other way round (matrix products are cheap there,
-eigensolvers are latency-bound), so ``method="auto"`` keeps torch's
-``matrix_exp`` for CUDA tensors; ``benchmarks/gpu_check.py`` times both.
+On a GPU the trade should go the other way (matrix products are cheap there,
+eigensolvers latency-bound), so ``method="auto"`` keeps torch's ``matrix_exp``
+for tensors off the CPU. That choice is not measured yet: ``benchmarks/gpu_check.py``
+times both methods on the card it runs on.
 
 Pure torch; float64 inputs work in complex128, everything else in complex64.
 """
