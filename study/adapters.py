@@ -94,7 +94,7 @@ def _orthogonal(n: int, init: str, generator: torch.Generator | None) -> nn.Modu
     lin = nn.Linear(n, n, bias=False)
     with torch.no_grad():
         lin.weight.zero_()  # the trained X: W = base @ exp(0) = base at the start
-    parametrize.register_parametrization(lin, "weight", SkewExp(base), unsafe=True)
+    parametrize.register_parametrization(lin, "weight", SkewExp(base))
     return lin
 
 
