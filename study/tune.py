@@ -34,8 +34,8 @@ GRID_KEY = "trial"
 ENV_FORWARD = ("HF_HUB_OFFLINE", "LAMBDA_COMPAT_CACHE", "LAMBDA_COMPAT_DATA", "LAMBDA_COMPAT_FAULT",
                "MALLOC_ARENA_MAX")
 # glibc gives every thread its own malloc arena and keeps freed blocks there: a trial's workers
-# held ~250 MB of freed memory each with the default (benchmarks/bench_memory.py). Two arenas
-# cost nothing measurable in speed. A value set in the environment wins.
+# held ~250 MB of freed memory each with the default (benchmarks/bench_memory.py). With two,
+# a default-size trial ran as fast (within 3%, 2 runs each). A value set in the environment wins.
 WORKER_ENV_DEFAULTS = {"MALLOC_ARENA_MAX": "2"}
 
 
