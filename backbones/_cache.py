@@ -1,17 +1,30 @@
-"""Content-keyed feature cache on disk: checksummed .npy pairs, atomic writes, file locks.
+"""Content-keyed feature cache on disk: sharded, resumable, verified, process-safe.
 
-Layout: <root>/features/<dataset>/<split>/<backbone>-<key>/{x.npy, y.npy, meta.json}.
-`meta.json` is written last and holds the sha256 of both arrays; an entry
-without it, or whose files do not match it, is never served.
+Layout: <root>/features/<dataset>/<split>/<backbone>-<key>/
+    x.npy, y.npy      the whole key, one .npy each (memory-mapped by readers)
+    shards/<k>.json   one record per finished shard: its rows and the sha256 of its bytes
+    meta.json         written last, once every shard is recorded
+
+Writers preallocate both files, then fill shard k's rows with positioned writes, fsync,
+read the rows back and hash them, and only then record the shard (atomically). A
+killed extraction resumes from its recorded shards; shards can be filled by several
+processes at once (a lock per shard). An entry without meta.json is never served.
+
+The integrity rule: every shard is hashed when it is written, and again the first
+time a node opens the entry (the whole entry, block by block: a few batches of
+memory). That first open leaves a node-local stamp (size, mtime and inode of both
+files, the digest of meta.json); later opens on the node compare the stamp with
+os.stat and the .npy headers with meta.json, and read no data. A changed file
+(size, mtime or inode) is hashed again; a shard that fails is reported and rebuilt.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +33,12 @@ import numpy as np
 from filelock import FileLock
 
 ENV_CACHE = "LAMBDA_COMPAT_CACHE"
-_ARRAYS = ("x", "y")
+ARRAYS = ("x", "y")
+READ_BLOCK = 8 << 20  # bytes hashed per read
 
 
 class CacheWarning(UserWarning):
-    """A cache entry failed verification and will be rebuilt."""
+    """A cache entry failed verification and will be rebuilt (or resumed)."""
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -58,9 +72,59 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _stamp_dir() -> Path:
+    """Node-local folder of verification stamps (never on the shared cache)."""
+    return Path(tempfile.gettempdir()) / f"lambda-compat-verified-{os.getuid()}"
+
+
+def _npy_offset(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(data offset, shape, dtype) from a .npy header, reading only the header."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if fortran:
+            raise ValueError("Fortran-ordered array")
+        return f.tell(), tuple(shape), dtype
+
+
+def _hash_range(fd: int, offset: int, length: int) -> str:
+    h = hashlib.sha256()
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(READ_BLOCK, length - done), offset + done)
+        if not chunk:
+            break
+        h.update(chunk)
+        done += len(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows [start, stop) of an entry, number `index`."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def shards_of(n: int, shard_rows: int) -> list[Shard]:
+    """The shards of an n-row entry, `shard_rows` rows each (the last may be shorter)."""
+    return [Shard(k, a, min(n, a + shard_rows)) for k, a in enumerate(range(0, n, shard_rows))]
+
+
+class Corrupt(Exception):
+    """One-line description of why an entry (or some of its shards) cannot be served."""
+
+    def __init__(self, message: str, bad: Iterable[int] = (), *, whole: bool = False) -> None:
+        super().__init__(message)
+        self.bad, self.whole = tuple(bad), whole
+
+
 @dataclass(frozen=True)
 class CacheEntry:
-    """One feature set on disk."""
+    """One feature set on disk (see the module docstring for the layout and the integrity rule)."""
 
     path: Path  # the entry's directory
 
@@ -72,57 +136,223 @@ class CacheEntry:
     def meta_path(self) -> Path:
         return self.path / "meta.json"
 
+    def file(self, array: str) -> Path:
+        return self.path / f"{array}.npy"
+
+    def record_path(self, k: int) -> Path:
+        return self.path / "shards" / f"{k:05d}.json"
+
     def lock(self, timeout: float = -1) -> FileLock:
-        """Inter-process lock for this entry (a sibling .lock file)."""
+        """Inter-process lock for the whole entry (a sibling .lock file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.path) + ".lock", timeout=timeout)
 
-    def read(self, *, warn: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
-        """(x, y, meta) if the entry exists and verifies, else None; with `warn`, a
-        CacheWarning naming the file when something was there but failed."""
-        got, problem = self._load()
-        if problem and warn:
-            warnings.warn(f"feature cache: {problem}; re-extracting", CacheWarning, stacklevel=3)
-        return got
+    def shard_lock(self, k: int) -> FileLock:
+        """Inter-process lock for shard k."""
+        (self.path / "shards").mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.record_path(k)) + ".lock")
 
-    def _load(self) -> tuple[tuple[np.ndarray, np.ndarray, dict[str, Any]] | None, str]:
-        """(arrays and meta, "") if sound; (None, "") if absent; else (None, a one-line fault).
+    # ---- reading ---------------------------------------------------------------------------
+    def complete(self) -> bool:
+        return self.meta_path.is_file()
 
-        Each file is read once: its bytes are checksummed, then parsed.
-        """
-        if not self.meta_path.is_file():
-            present = [p for p in (self.path / f"{a}.npy" for a in _ARRAYS) if p.exists()]
-            return None, (f"{present[0]}: its meta.json is missing" if present else "")
+    def open(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+        """(x, y, meta), memory-mapped read-only, if the entry is complete and verifies; None if
+        it is absent. Raises `Corrupt` (one line naming the file) when something there fails."""
         try:
-            meta = json.loads(self.meta_path.read_text())
-            sums, shapes = dict(meta["sha256"]), (meta["x_shape"], meta["y_shape"])
-        except (ValueError, KeyError, TypeError):
-            return None, f"{self.meta_path}: unreadable"
-        arrays = []
-        for a, shape in zip(_ARRAYS, shapes):
-            f = self.path / f"{a}.npy"
-            try:
-                data = f.read_bytes()
-            except FileNotFoundError:
-                return None, f"{f}: missing"
-            if hashlib.sha256(data).hexdigest() != sums.get(f"{a}.npy"):
-                return None, f"{f}: checksum mismatch (truncated or altered)"
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-            if list(arr.shape) != list(shape):
-                return None, f"{f}: shape {list(arr.shape)} differs from its meta.json"
-            arrays.append(arr)
-        return (arrays[0], arrays[1], meta), ""
+            return self._open()
+        except FileNotFoundError:
+            return None
 
-    def write(self, x: np.ndarray, y: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
-        """Store arrays then meta (with checksums and shapes); returns the stored meta."""
-        self.meta_path.unlink(missing_ok=True)  # a crash mid-write leaves no valid entry
-        sums = {}
-        for a, arr in zip(_ARRAYS, (x, y)):
-            buf = io.BytesIO()
-            np.save(buf, arr, allow_pickle=False)
-            data = buf.getvalue()
-            atomic_write_bytes(self.path / f"{a}.npy", data)
-            sums[f"{a}.npy"] = hashlib.sha256(data).hexdigest()
-        meta = {**meta, "x_shape": list(x.shape), "y_shape": list(y.shape), "sha256": sums}
-        atomic_write_bytes(self.meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
-        return meta
+    def _open(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        try:
+            raw = self.meta_path.read_bytes()
+        except FileNotFoundError:
+            present = [p for p in map(self.file, ARRAYS) if p.exists()]
+            if present:
+                raise Corrupt(f"{self.meta_path.name} is missing in {self.path} (an unfinished extraction)") from None
+            raise
+        try:
+            meta = json.loads(raw)
+            shapes = {a: tuple(meta[f"{a}_shape"]) for a in ARRAYS}
+            dtypes = {a: np.dtype(meta[f"{a}_dtype"]) for a in ARRAYS}
+            shards = [Shard(k, *s["rows"]) for k, s in enumerate(meta["shards"])]
+        except (ValueError, KeyError, TypeError):
+            raise Corrupt(f"{self.meta_path}: unreadable", whole=True) from None
+        self._check_headers(shapes, dtypes)
+        digest = hashlib.sha256(raw).hexdigest()
+        if self._stamp() != self._stamp_now(digest):
+            bad = self.verify(shards, [meta["shards"][s.index] for s in shards])
+            if bad:
+                raise bad
+            self.write_stamp(digest)
+        x = np.load(self.file("x"), mmap_mode="r", allow_pickle=False)
+        y = np.load(self.file("y"), mmap_mode="r", allow_pickle=False)
+        return x, y, meta
+
+    def _check_headers(self, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> None:
+        for a in ARRAYS:
+            f = self.file(a)
+            try:
+                offset, shape, dtype = _npy_offset(f)
+            except FileNotFoundError:
+                raise Corrupt(f"{f}: missing", whole=True) from None
+            except ValueError as err:
+                raise Corrupt(f"{f}: bad header ({err})", whole=True) from None
+            if shape != shapes[a] or dtype != dtypes[a]:
+                raise Corrupt(f"{f}: header {shape} {dtype} differs from its meta.json", whole=True)
+            want = offset + int(np.prod(shape)) * dtype.itemsize
+            size = f.stat().st_size
+            if size != want:
+                raise Corrupt(f"{f}: {size} bytes, expected {want} (truncated or altered)", whole=True)
+
+    def verify(self, shards: list[Shard], records: list[dict[str, Any]]) -> Corrupt | None:
+        """Hash every shard's rows in both files; a Corrupt naming the first bad one, or None."""
+        bad: list[int] = []
+        first = ""
+        for a in ARRAYS:
+            f = self.file(a)
+            offset, shape, dtype = _npy_offset(f)
+            row = int(np.prod(shape[1:])) * dtype.itemsize
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                for s, rec in zip(shards, records):
+                    if _hash_range(fd, offset + s.start * row, (s.stop - s.start) * row) != rec[f"{a}_sha256"]:
+                        bad.append(s.index)
+                        first = first or f"{f}: shard {s.index} (rows {s.start}-{s.stop}) checksum mismatch (altered)"
+            finally:
+                os.close(fd)
+        return Corrupt(first, sorted(set(bad))) if bad else None
+
+    def _stamp_file(self) -> Path:
+        return _stamp_dir() / (hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:32] + ".json")
+
+    def _stamp(self) -> Any:
+        try:
+            return json.loads(self._stamp_file().read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _stamp_now(self, meta_digest: str) -> Any:
+        files = {}
+        for a in ARRAYS:
+            st = self.file(a).stat()
+            files[a] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        return {"meta": meta_digest, "files": files}
+
+    def write_stamp(self, meta_digest: str | None = None) -> None:
+        """Record on this node that the entry, as it is now, verified."""
+        if meta_digest is None:
+            meta_digest = hashlib.sha256(self.meta_path.read_bytes()).hexdigest()
+        atomic_write_bytes(self._stamp_file(), json.dumps(self._stamp_now(meta_digest)).encode())
+
+    # ---- writing ---------------------------------------------------------------------------
+    def prepare(self, n: int, dim: int, dtype: str, shard_rows: int) -> list[Shard]:
+        """Create (or reuse) the preallocated files for an n x dim entry; returns the shards
+        still to write. Existing shard records are verified first (a resumed extraction)."""
+        shards = shards_of(n, shard_rows)
+        want = {"x": ((n, dim), np.dtype(dtype)), "y": ((n,), np.dtype(np.int64))}
+        with self.lock():
+            layout = self.path / "layout.json"
+            spec = {"n": n, "dim": dim, "dtype": str(np.dtype(dtype)), "shard_rows": shard_rows}
+            try:
+                same = json.loads(layout.read_text()) == spec
+                for a in ARRAYS:
+                    _, shape, dt = _npy_offset(self.file(a))
+                    same = same and (shape, dt) == want[a]
+                    same = same and self.file(a).stat().st_size >= _npy_offset(self.file(a))[0]
+            except (FileNotFoundError, ValueError):
+                same = False
+            if not same:
+                for p in (self.meta_path, *map(self.file, ARRAYS), layout):
+                    p.unlink(missing_ok=True)
+                for rec in (self.path / "shards").glob("*.json") if (self.path / "shards").is_dir() else ():
+                    rec.unlink()
+                self.path.mkdir(parents=True, exist_ok=True)
+                for a in ARRAYS:
+                    shape, dt = want[a]
+                    m = np.lib.format.open_memmap(self.file(a), mode="w+", dtype=dt, shape=shape)  # sparse
+                    del m
+                atomic_write_bytes(layout, json.dumps(spec).encode())
+            done = self._verified_records(shards)
+        return [s for s in shards if s.index not in done]
+
+    def _verified_records(self, shards: list[Shard]) -> set[int]:
+        have, records = [], []
+        for s in shards:
+            rec = self.record(s.index)
+            if rec is not None and rec["rows"] == [s.start, s.stop]:
+                have.append(s)
+                records.append(rec)
+        if not have:
+            return set()
+        bad = self.verify(have, records)
+        if bad is not None:
+            warnings.warn(f"feature cache: {bad}; re-extracting {len(bad.bad)} shard(s)", CacheWarning, stacklevel=4)
+            for k in bad.bad:
+                self.record_path(k).unlink(missing_ok=True)
+        return {s.index for s in have} - set(bad.bad if bad else ())
+
+    def record(self, k: int) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.record_path(k).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write_shard(self, shard: Shard, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+        """Write the shard's rows from (x, y) batches in row order, verify them, record the shard."""
+        fds, offsets, rows, hashes = {}, {}, {}, {}
+        try:
+            for a in ARRAYS:
+                offset, shape, dtype = _npy_offset(self.file(a))
+                rows[a] = (int(np.prod(shape[1:])) * dtype.itemsize, dtype)
+                offsets[a] = offset + shard.start * rows[a][0]
+                fds[a] = os.open(self.file(a), os.O_RDWR)
+                hashes[a] = hashlib.sha256()
+            at = shard.start
+            for x, y in batches:
+                for a, arr in (("x", x), ("y", y)):
+                    data = np.ascontiguousarray(arr, dtype=rows[a][1]).tobytes()
+                    os.pwrite(fds[a], data, offsets[a] + (at - shard.start) * rows[a][0])
+                    hashes[a].update(data)
+                at += len(y)
+            if at != shard.stop:
+                raise RuntimeError(f"shard {shard.index}: got rows up to {at}, expected {shard.stop}")
+            record: dict[str, Any] = {"rows": [shard.start, shard.stop]}
+            for a in ARRAYS:
+                os.fsync(fds[a])
+                back = _hash_range(fds[a], offsets[a], (shard.stop - shard.start) * rows[a][0])
+                if back != hashes[a].hexdigest():
+                    raise OSError(f"{self.file(a)}: shard {shard.index} reads back differently than written")
+                record[f"{a}_sha256"] = back
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        atomic_write_bytes(self.record_path(shard.index), json.dumps(record).encode())
+        return record
+
+    def finish(self, meta: dict[str, Any], n_shards: int) -> dict[str, Any] | None:
+        """Write meta.json once every shard is recorded; returns the stored meta (None if shards are missing)."""
+        with self.lock():
+            if self.meta_path.is_file():
+                return json.loads(self.meta_path.read_text())
+            records = [self.record(k) for k in range(n_shards)]
+            if any(r is None for r in records):
+                return None
+            out = {**meta, "shards": records}
+            for a in ARRAYS:
+                _, shape, dtype = _npy_offset(self.file(a))
+                out[f"{a}_shape"], out[f"{a}_dtype"] = list(shape), str(dtype)
+            atomic_write_bytes(self.meta_path, json.dumps(out, indent=1, sort_keys=True).encode())
+            self.write_stamp()  # every shard was hashed as it was written
+            return out
+
+    def discard(self, bad: Corrupt) -> None:
+        """Forget what `bad` found wrong: the whole entry, or just its bad shards' records."""
+        with self.lock():
+            self.meta_path.unlink(missing_ok=True)
+            if bad.whole:
+                for p in (*map(self.file, ARRAYS), self.path / "layout.json"):
+                    p.unlink(missing_ok=True)
+            for k in bad.bad:
+                self.record_path(k).unlink(missing_ok=True)

