@@ -34,6 +34,7 @@ from filelock import FileLock
 
 ENV_CACHE = "LAMBDA_COMPAT_CACHE"
 ARRAYS = ("x", "y")
+DTYPES = ("float32", "float16")  # storage precision of a cache entry's x
 READ_BLOCK = 8 << 20  # bytes hashed per read
 
 
@@ -356,3 +357,39 @@ class CacheEntry:
                     p.unlink(missing_ok=True)
             for k in bad.bad:
                 self.record_path(k).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Embeddings of one data set split: x [N, D] (float32, or float16 if stored so), y int64 [N],
+    and metadata. From the cache both arrays are read-only memory maps.
+
+    `meta["from_cache"]` says whether they were served from the cache (not stored);
+    `meta["path"]` is the cache entry's directory.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Handle:
+    """A complete cache entry, by path: what a study passes around instead of arrays."""
+
+    path: str
+    rows: int
+    dim: int
+    dtype: str
+    from_cache: bool
+
+
+def open_features(handle: Handle | str | Path) -> Features:
+    """The arrays of a complete entry, memory-mapped read-only (verified on this node's first open)."""
+    path = Path(handle.path if isinstance(handle, Handle) else handle)
+    got = CacheEntry(path).open()
+    if got is None:
+        raise FileNotFoundError(f"{path}: no complete feature-cache entry here")
+    x, y, meta = got
+    from_cache = handle.from_cache if isinstance(handle, Handle) else True
+    return Features(x, y, {**meta, "from_cache": from_cache, "path": str(path)})

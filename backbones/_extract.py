@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _synthetic
-from ._cache import CacheEntry, CacheWarning, Corrupt, Shard, cache_root, content_key
+from ._cache import DTYPES, CacheEntry, CacheWarning, Corrupt, Features, Handle, Shard, cache_root, content_key, open_features
 from ._datasets import load_dataset
 from ._models import Backbone, PathLike, input_resolution, load, preprocess_for, weights_id
 from ._registry import BackboneCfg, backbone_cfg, check_split
@@ -35,7 +35,6 @@ from ._transforms import Preprocess
 
 EXTRACTOR_VERSION = 1  # bump when extraction changes the numbers it produces
 CACHE_FORMAT = 2  # 2: sharded entries (x.npy / y.npy + shard records)
-DTYPES = ("float32", "float16")  # storage precision of a cache entry
 SHARD_ROWS = 16384  # rows per shard: the unit of resume and of parallel extraction
 _EXTRACTIONS = 0
 
@@ -43,31 +42,6 @@ _EXTRACTIONS = 0
 def extraction_count() -> int:
     """Real (non-cache) extractions run in this process so far (calls that embedded any shard)."""
     return _EXTRACTIONS
-
-
-@dataclass(frozen=True)
-class Features:
-    """Embeddings of one data set split: x [N, D] (float32, or float16 if stored so), y int64 [N],
-    and metadata. From the cache both arrays are read-only memory maps.
-
-    `meta["from_cache"]` says whether they were served from the cache (not stored);
-    `meta["path"]` is the cache entry's directory.
-    """
-
-    x: np.ndarray
-    y: np.ndarray
-    meta: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Handle:
-    """A complete cache entry, by path: what a study passes around instead of arrays."""
-
-    path: str
-    rows: int
-    dim: int
-    dtype: str
-    from_cache: bool
 
 
 @dataclass(frozen=True)
@@ -167,17 +141,6 @@ def _served(entry: CacheEntry) -> Handle | None:
         return None
     x, _, _ = got
     return Handle(str(entry.path), int(x.shape[0]), int(x.shape[1]), str(x.dtype), from_cache=True)
-
-
-def open_features(handle: Handle | str | Path) -> Features:
-    """The arrays of a complete entry, memory-mapped read-only (verified on this node's first open)."""
-    path = Path(handle.path if isinstance(handle, Handle) else handle)
-    got = CacheEntry(path).open()
-    if got is None:
-        raise FileNotFoundError(f"{path}: no complete feature-cache entry here")
-    x, y, meta = got
-    from_cache = handle.from_cache if isinstance(handle, Handle) else True
-    return Features(x, y, {**meta, "from_cache": from_cache, "path": str(path)})
 
 
 def extract_shard(job: Job, shard: Shard, *, backbone: Backbone | None = None, device: str | torch.device | None = None,

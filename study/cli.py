@@ -159,7 +159,6 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
     try:
         _write_marker(storage, spec)
         features, counts = st.feature_phase(spec)
-        features, normalized = st.share_features(spec, features)
         versions = _versions()
         tags = {"lc.space_sha256": spec.sha256, "lc.git_commit": _git_commit(), "lc.space_file": str(spec.path),
                 **{f"lc.version.{k}": v for k, v in versions.items()}}
@@ -173,7 +172,7 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
         total_failed, interrupted = 0, False
         for exp in st.experiments(spec):
             tuner = st.make_tuner(spec, exp, features, tracker, storage=storage,
-                                  max_concurrent=args.max_concurrent or spec.max_concurrent, normalized=normalized)
+                                  max_concurrent=args.max_concurrent or spec.max_concurrent)
             results = tuner.fit()
             failed, finished = reconcile(results, tracker, exp.table)
             total_failed += failed

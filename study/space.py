@@ -119,6 +119,7 @@ class StudySpec:
     max_concurrent: int | None = None
     max_failures: int = 1
     description: str = ""
+    feature_dtype: str = "float32"  # storage (and read) precision of every feature key
 
     def zero_shot_for(self, pair: Pair) -> tuple[ZeroShotSet, ...]:
         return self.zero_shot if pair.zero_shot is None else pair.zero_shot
@@ -272,6 +273,7 @@ TOP_KEYS = {
     "search": "{kind: grid|optuna, n_trials, lambda: [lo, hi], alpha: [lo, hi], metrics, modes}",
     "max_concurrent": "integer >= 1",
     "max_failures": "integer >= 0 (retries of a failed trial)",
+    "features": "{dtype: float32|float16} (storage precision of the feature cache)",
 }
 
 
@@ -310,15 +312,27 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
     def backbone(v: Any, kp: str) -> str:
         return c.choice(v, kp, known_bb)
 
+    def dataset(v: Any, kp: str) -> str:
+        """A registered data set, or a member of a family (synthetic sizes in the name)."""
+        v = c.typed(v, kp, str, "a string")
+        try:
+            backbones.dataset_cfg(v)
+            return v
+        except backbones.UnknownNameError:
+            pass
+        except ValueError as err:
+            raise c.fail(kp, str(err)) from None
+        return c.choice(v, kp, [*known_ds, backbones.SYNTHETIC_PATTERN])
+
     def dataset_split(ds: str, split: Any, kp: str) -> str:
         return c.choice(split, kp, list(backbones.dataset_cfg(ds).splits))
 
     def zero_shot_item(v: Any, kp: str) -> ZeroShotSet:
         if isinstance(v, str):
-            ds = c.choice(v, kp, known_ds)
+            ds = dataset(v, kp)
             return ZeroShotSet(ds, _default_eval_split(ds))
         m = c.mapping(v, kp, {"name": "", "split": ""}, required=("name",))
-        ds = c.choice(m["name"], f"{kp}.name", known_ds)
+        ds = dataset(m["name"], f"{kp}.name")
         split = dataset_split(ds, m.get("split", _default_eval_split(ds)), f"{kp}.split")
         return ZeroShotSet(ds, split)
 
@@ -335,7 +349,7 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
 
     def downstream_item(v: Any, kp: str) -> Downstream:
         m = c.mapping(v, kp, {"name": "", "train": "", "eval": ""}, required=("name",))
-        ds = c.choice(m["name"], f"{kp}.name", known_ds)
+        ds = dataset(m["name"], f"{kp}.name")
         train = dataset_split(ds, m.get("train", "train"), f"{kp}.train")
         ev = dataset_split(ds, m.get("eval", _default_eval_split(ds)), f"{kp}.eval")
         if train == ev:
@@ -394,13 +408,25 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
         max_concurrent = c.integer(max_concurrent, "max_concurrent", low=1)
     max_failures = c.integer(top.get("max_failures", 1), "max_failures", low=0)
     description = c.typed(top.get("description", ""), "description", str, "a string")
+    feats = c.mapping(top.get("features", {}) or {}, "features", {"dtype": ""})
+    feature_dtype = c.choice(feats.get("dtype", "float32"), "features.dtype", backbones.DTYPES)
 
     # Cross-field checks.
+    def zero_shot_for_pair(pair: Pair) -> tuple[ZeroShotSet, ...]:
+        return zero_shot if pair.zero_shot is None else pair.zero_shot
+
     if "lambda" in methods and not lambdas and search.kind == "grid":
         raise c.fail("lambdas", "method `lambda` is listed but `lambdas` is empty: the grid would have no lambda trials")
     if search.kind == "optuna" and methods != ("lambda",):
         raise c.fail("methods", "search `optuna` tunes lambda/alpha: set methods to [lambda]")
     for i, pair in enumerate(pairs):
+        for side in ("old", "new"):
+            if backbones.backbone_cfg(getattr(pair, side)).source != "synthetic":
+                continue
+            for ds_name in [*(x.dataset for x in datasets), *(z.dataset for z in zero_shot_for_pair(pair))]:
+                if not ds_name.startswith("synthetic-"):
+                    raise c.fail(f"pairs[{i}].{side}", f"synthetic backbone `{getattr(pair, side)}` embeds only "
+                                 f"synthetic data sets ({backbones.SYNTHETIC_PATTERN}), not `{ds_name}`")
         d, n = backbones.backbone_cfg(pair.old).dim, backbones.backbone_cfg(pair.new).dim
         if d != n and "independent" in methods:
             raise c.fail(f"pairs[{i}]", f"method `independent` compares {pair.new} with {pair.old} directly and needs equal dims, got d={d}, n={n}; drop `independent` or pick a pair with equal dims")
@@ -410,7 +436,7 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
         pairs=pairs, datasets=datasets, zero_shot=zero_shot, methods=methods, lambdas=lambdas,
         alphas=alphas, seeds=seeds, train=dict(train), cpu=cpu, gpu=gpu, metric=metric, mode=mode,
         scheduler=scheduler, search=search, max_concurrent=max_concurrent, max_failures=max_failures,
-        description=description,
+        description=description, feature_dtype=feature_dtype,
     )
     if search.kind == "grid" and not spec.trials():
         raise c.fail("", "the grid is empty")

@@ -63,6 +63,11 @@ __all__ = ["TrialData", "TrialResult", "run_trial", "normalize_rows", "load_adap
 NAN = float("nan")
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+    """The shape of an array-like without copying it (arrays, memory maps, tensors, lists)."""
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
 @dataclass
 class TrialData:
     """The cached features of one trial.
@@ -71,10 +76,10 @@ class TrialData:
     `backbones.Features`. old_* are phi_old's features (d-dim), new_* phi_new's
     (n-dim) of the *same images in the same order* (labels must match).
     `zero_shot` maps a set name (no '/', not 'mean') to new-model features of a
-    held-out set, used only for zero-shot retention. `normalized=True` says every
-    `.x` already went through `normalize_rows` (as a study's driver does once for
-    all its trials), so a trial with `normalize=True` uses the arrays as they are
-    instead of making its own normalised copy.
+    held-out set, used only for zero-shot retention. The train arrays are never
+    copied whole: a trial reads (and normalises) them one batch at a time, so
+    memory-mapped cache entries of any size stay on disk and in the page cache,
+    shared by every trial of a node. float16 features are cast to float32 per batch.
     """
 
     old_train: Any
@@ -82,39 +87,38 @@ class TrialData:
     old_eval: Any
     new_eval: Any
     zero_shot: dict[str, Any] = field(default_factory=dict)
-    normalized: bool = False
 
     def __post_init__(self) -> None:
         for split in ("train", "eval"):
             old, new = getattr(self, f"old_{split}"), getattr(self, f"new_{split}")
-            ox, nx = np.asarray(old.x), np.asarray(new.x)
-            if ox.ndim != 2 or nx.ndim != 2 or ox.shape[0] != nx.shape[0]:
+            os_, ns = _shape(old.x), _shape(new.x)
+            if len(os_) != 2 or len(ns) != 2 or os_[0] != ns[0]:
                 raise ValueError(
                     f"`old_{split}.x` and `new_{split}.x` must be [N, d] and [N, n] over the same N, "
-                    f"got {ox.shape} and {nx.shape}"
+                    f"got {os_} and {ns}"
                 )
             if not np.array_equal(np.asarray(old.y), np.asarray(new.y)):
                 raise ValueError(f"`old_{split}.y` and `new_{split}.y` differ: both must be the same images in order")
-        if np.asarray(self.old_train.x).shape[1] != np.asarray(self.old_eval.x).shape[1]:
+        if _shape(self.old_train.x)[1] != _shape(self.old_eval.x)[1]:
             raise ValueError("`old_train` and `old_eval` have different feature dims")
-        if np.asarray(self.new_train.x).shape[1] != np.asarray(self.new_eval.x).shape[1]:
+        if _shape(self.new_train.x)[1] != _shape(self.new_eval.x)[1]:
             raise ValueError("`new_train` and `new_eval` have different feature dims")
         for name, z in self.zero_shot.items():
             K.check_zero_shot_name(name)
-            if np.asarray(z.x).shape[1] != self.n:
+            if _shape(z.x)[1] != self.n:
                 raise ValueError(
-                    f"zero-shot set {name!r} has dim {np.asarray(z.x).shape[1]}, new features have {self.n}"
+                    f"zero-shot set {name!r} has dim {_shape(z.x)[1]}, new features have {self.n}"
                 )
 
     @property
     def d(self) -> int:
         """Old feature dim."""
-        return int(np.asarray(self.old_train.x).shape[1])
+        return int(_shape(self.old_train.x)[1])
 
     @property
     def n(self) -> int:
         """New feature dim."""
-        return int(np.asarray(self.new_train.x).shape[1])
+        return int(_shape(self.new_train.x)[1])
 
 
 @dataclass
@@ -132,17 +136,52 @@ class TrialResult:
 
 
 # ---------------------------------------------------------------------------
-def _float32(x: Any, device: torch.device | None = None) -> Tensor:
+def _shared(x: Any) -> Tensor:
+    """A CPU tensor over the array's own memory (any dtype; no copy for a memory map)."""
     with warnings.catch_warnings():
-        # Features from Ray's object store are read-only shared memory; they are never written
-        # (normalising and shifting make new tensors), so share them instead of copying.
+        # Cached features are read-only memory maps; they are never written (normalising,
+        # casting and shifting make new tensors), so share them instead of copying.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
+        return torch.as_tensor(np.asarray(x))
+
+
+def _float32(x: Any, device: torch.device | None = None) -> Tensor:
+    return _shared(x).to(device=device, dtype=torch.float32)
 
 
 def normalize_rows(x: Any) -> np.ndarray:
     """float32 rows L2-normalised exactly as a trial with `normalize=True` does it (torch's F.normalize)."""
     return Fn.normalize(_float32(x), dim=1).numpy()
+
+
+class _TrainRows:
+    """A train split read batch by batch: rows gathered from the (memory-mapped) array, cast to
+    float32 on `device`, L2-normalised if asked, minus the split's mean with `center`."""
+
+    CHUNK = 65536  # rows per pass when computing the mean
+
+    def __init__(self, features: Any, normalize: bool, center: bool, device: torch.device) -> None:
+        self.x = _shared(features.x)
+        self.normalize, self.device = normalize, device
+        self.shift: Tensor | None = None
+        self.shape = tuple(self.x.shape)
+        if center:
+            n = self.shape[0]
+            if n <= self.CHUNK:
+                self.shift = self._prepare(self.x).mean(0)
+            else:
+                total = torch.zeros(self.shape[1], dtype=torch.float64)
+                for a in range(0, n, self.CHUNK):
+                    total += self._prepare(self.x[a:a + self.CHUNK]).double().sum(0).cpu()
+                self.shift = (total / n).float().to(device)
+
+    def _prepare(self, rows: Tensor) -> Tensor:
+        out = rows.to(device=self.device, dtype=torch.float32)
+        out = Fn.normalize(out, dim=1) if self.normalize else out
+        return out - self.shift if self.shift is not None else out
+
+    def __getitem__(self, idx: Tensor) -> Tensor:
+        return self._prepare(self.x[idx.cpu()])
 
 
 def _tensor(features: Any, normalize: bool, device: torch.device, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -295,17 +334,13 @@ def run_trial(
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     d, n = data.d, data.n
-    if data.normalized and not cfg.normalize:
-        raise ValueError("the features are already L2-normalised (`TrialData.normalized`) but the config "
-                         "has normalize=False")
-    norm = cfg.normalize and not data.normalized
+    norm = cfg.normalize
 
-    old_tr, y_tr = _tensor(data.old_train, norm, device)
-    new_tr, _ = _tensor(data.new_train, norm, device)
-    old_mu = new_mu = None
-    if cfg.center:  # the train split's means, applied to every split of the same model
-        old_mu, new_mu = old_tr.mean(0), new_tr.mean(0)
-        old_tr, new_tr = old_tr - old_mu, new_tr - new_mu
+    # with `center`, the train split's means, applied to every split of the same model
+    old_tr = _TrainRows(data.old_train, norm, cfg.center, device)
+    new_tr = _TrainRows(data.new_train, norm, cfg.center, device)
+    y_tr = torch.as_tensor(np.asarray(data.old_train.y).astype(np.int64), device=device)
+    old_mu, new_mu = old_tr.shift, new_tr.shift
     old_ev, y_ev = _tensor(data.old_eval, norm, device, old_mu)
     new_ev, _ = _tensor(data.new_eval, norm, device, new_mu)
     evaluator = _Evaluator(cfg, old_ev, new_ev, y_ev)

@@ -1,10 +1,13 @@
 """StudySpec -> Ray: the feature phase (Ray tasks) and the trials (a Ray Tune Tuner).
 
-Only this module and ``cli.py`` import Ray. Features are extracted once per
-(backbone, data set, split) key, put in the object store once and handed to
-every trial through ``tune.with_parameters``; trials on one node share that
-single read-only copy. MLflow is written by :class:`MLflowCallback`, in the
-driver, through :class:`study.tracking.StudyTracker`.
+Only this module and ``cli.py`` import Ray. The feature phase plans every unique
+(backbone, data set, split) key, then extracts the missing shards of each as Ray
+tasks (one per shard, a GPU each where the cluster has them) straight into the
+feature cache, which on a cluster sits on shared storage. The driver never holds
+a feature array: trials get a small :class:`backbones.Handle` per key, open only
+the keys their config names, and memory-map them, so the trials of one node share
+one page-cache copy. MLflow is written by :class:`MLflowCallback`, in the driver,
+through :class:`study.tracking.StudyTracker`.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from ray import tune
 from study.space import FeatureKey, StudySpec, trial_name
 from study.tracking import NODE_TAG, RAY_TRIAL_TAG, StudyTracker
 
-FeatureStore = dict[str, tuple[Any, Any]]   # str(FeatureKey) -> (x float32 [N, D], y int64 [N])
+FeatureHandles = dict[str, Any]   # str(FeatureKey) -> backbones.Handle (a path and a shape, no arrays)
 # Keys Ray adds to every result; everything else a trial reports is a metric of ours.
 _RAY_KEYS = {
     "timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip",
@@ -62,10 +65,23 @@ def _prepare_backbone(name: str) -> str:
 
 
 @ray.remote
-def _extract(key: FeatureKey) -> tuple[Any, Any, dict[str, Any]]:
+def _plan(key: FeatureKey, dtype: str) -> Any:
+    """backbones.Handle if the key is cached, else the backbones.Job of its missing shards."""
     import backbones
-    feats = backbones.extract(key.backbone, key.dataset, key.split, progress=False)
-    return feats.x, feats.y, dict(feats.meta)
+    return backbones.plan(key.backbone, key.dataset, key.split, dtype=dtype)
+
+
+@ray.remote
+def _extract_shard(job: Any, shard: Any) -> int:
+    """Fill one shard; returns the rows it embedded (0: another process had done it)."""
+    import backbones
+    return shard.stop - shard.start if backbones.extract_shard(job, shard) else 0
+
+
+@ray.remote
+def _finish(job: Any) -> Any:
+    import backbones
+    return backbones.finish(job)
 
 
 def _driver_is_the_only_node() -> bool:
@@ -73,8 +89,40 @@ def _driver_is_the_only_node() -> bool:
     return len(alive) == 1 and alive[0].get("NodeID") == ray.get_runtime_context().get_node_id()
 
 
-def feature_phase(spec: StudySpec, log: Callable[[str], None] = print) -> tuple[FeatureStore, dict[str, int]]:
-    """Train what the project trains, then extract every unique key once (cached on disk)."""
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class _Progress:
+    """Per-key progress lines of the feature phase: images done, images/s, ETA."""
+
+    def __init__(self, key: FeatureKey, job: Any, log: Callable[[str], None]) -> None:
+        self.key, self.log = key, log
+        self.total = job.rows
+        self.todo = sum(s.stop - s.start for s in job.todo)
+        self.done = self.total - self.todo
+        self.t0 = time.perf_counter()
+        self.embedded = 0
+        self.last = 0.0
+
+    def add(self, rows: int, shard_rows: int) -> None:
+        self.done += shard_rows
+        self.embedded += rows
+        now = time.perf_counter()
+        if now - self.last < 2.0 and self.done < self.total:
+            return
+        self.last = now
+        rate = self.embedded / (now - self.t0) if now > self.t0 else 0.0
+        eta = f", ETA {_duration((self.total - self.done) / rate)}" if rate > 0 and self.done < self.total else ""
+        self.log(f"[features] {self.key}: {self.done:,}/{self.total:,} images ({100 * self.done / self.total:.0f}%), "
+                 f"{rate:,.0f} img/s{eta}")
+
+
+def feature_phase(spec: StudySpec, log: Callable[[str], None] = print) -> tuple[FeatureHandles, dict[str, int]]:
+    """Train what the project trains, then extract every unique key's missing shards (cached on disk).
+
+    Returns a Handle per key: the driver never loads a feature array."""
     import backbones
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     trained = [b for b in spec.backbone_names if backbones.backbone_cfg(b).source == "trained"]
@@ -84,49 +132,59 @@ def feature_phase(spec: StudySpec, log: Callable[[str], None] = print) -> tuple[
         log(f"[features] preparing {len(trained)} project-trained backbone(s): {', '.join(trained)}")
         ray.get([_prepare_backbone.options(num_cpus=1, num_gpus=gpus).remote(b) for b in trained])
     keys = spec.feature_keys()
-    log(f"[features] {len(keys)} unique (backbone, data set, split) keys")
+    log(f"[features] {len(keys)} unique (backbone, data set, split) keys, stored as {spec.feature_dtype}")
     t0 = time.perf_counter()
-    pending = {_extract.options(num_cpus=1, num_gpus=gpus, max_retries=2).remote(k): k for k in keys}
-    store: FeatureStore = {}
-    counts = {"keys": len(keys), "extracted": 0, "from_cache": 0}
+    handles: FeatureHandles = {}
+    counts = {"keys": len(keys), "extracted": 0, "from_cache": 0, "shards_extracted": 0}
+    plans = dict(zip(keys, ray.get([_plan.options(num_cpus=0.5).remote(k, spec.feature_dtype) for k in keys])))
+    shard_tasks: dict[Any, tuple[FeatureKey, Any]] = {}
+    progress: dict[FeatureKey, _Progress] = {}
+    left: dict[FeatureKey, int] = {}
+    finishing: dict[Any, FeatureKey] = {}
+    for key, got in plans.items():
+        if isinstance(got, backbones.Handle):
+            handles[str(key)] = got
+            counts["from_cache"] += 1
+            log(f"[features] {len(handles)}/{len(keys)} {key} {got.rows}x{got.dim} {got.dtype} (cache)")
+            continue
+        progress[key] = _Progress(key, got, log)
+        left[key] = len(got.todo)
+        if got.todo:
+            log(f"[features] {key}: {got.rows:,} images, {len(got.todo)} of {got.n_shards} shard(s) to extract")
+        for shard in got.todo:
+            ref = _extract_shard.options(num_cpus=1, num_gpus=gpus, max_retries=2).remote(got, shard)
+            shard_tasks[ref] = (key, shard)
+        if not got.todo:
+            finishing[_finish.options(num_cpus=0.5).remote(got)] = key
+    pending = [*shard_tasks, *finishing]
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        key = pending.pop(done[0])
-        x, y, meta = ray.get(done[0])
-        store[str(key)] = (x, y)
-        counts["from_cache" if meta.get("from_cache") else "extracted"] += 1
-        log(f"[features] {len(store)}/{len(keys)} {key} {x.shape[0]}x{x.shape[1]} "
-            f"({'cache' if meta.get('from_cache') else 'extracted'})")
-    log(f"[features] done in {time.perf_counter() - t0:.1f}s: {counts['extracted']} extracted, {counts['from_cache']} from cache")
-    return store, counts
-
-
-def share_features(spec: StudySpec, store: FeatureStore) -> tuple[FeatureStore, bool]:
-    """The store as the trials will read it, and whether it is L2-normalised.
-
-    With the study's `train.normalize` on (the default) every array is normalised here,
-    once, exactly as a trial would (`study.trial.normalize_rows`): trials then use the
-    object store's single read-only copy as it is, instead of each making its own
-    normalised copy of every feature it reads.
-    """
-    from study.config import TrialConfig
-    from study.trial import normalize_rows
-
-    if not bool(spec.train.get("normalize", TrialConfig.normalize)):
-        return store, False
-    return {key: (normalize_rows(x), y) for key, (x, y) in store.items()}, True
+        done, pending = ray.wait(pending, num_returns=1)
+        ref = done[0]
+        if ref in shard_tasks:
+            key, shard = shard_tasks.pop(ref)
+            rows = ray.get(ref)
+            counts["shards_extracted"] += rows > 0
+            progress[key].add(rows, shard.stop - shard.start)
+            left[key] -= 1
+            if left[key] == 0:
+                fin = _finish.options(num_cpus=0.5).remote(plans[key])
+                finishing[fin] = key
+                pending.append(fin)
+            continue
+        key = finishing.pop(ref)
+        handle = ray.get(ref)
+        handles[str(key)] = handle
+        counts["extracted" if progress[key].embedded else "from_cache"] += 1
+        log(f"[features] {len(handles)}/{len(keys)} {key} {handle.rows}x{handle.dim} {handle.dtype} "
+            f"({'extracted' if progress[key].embedded else 'cache'})")
+    log(f"[features] done in {time.perf_counter() - t0:.1f}s: {counts['extracted']} extracted "
+        f"({counts['shards_extracted']} shards), {counts['from_cache']} from cache")
+    return handles, counts
 
 
 # ---------------------------------------------------------------------------
 # The trainable (runs in a Ray worker)
 # ---------------------------------------------------------------------------
-
-class _Arrays:
-    """The .x/.y view that study.trial expects."""
-
-    def __init__(self, pair: tuple[Any, Any]) -> None:
-        self.x, self.y = pair
-
 
 def trial_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The TrialConfig dict for one trial config of the space."""
@@ -137,31 +195,36 @@ def trial_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_one(config: dict[str, Any], features: FeatureStore, table: TrialTable, normalized: bool = False) -> None:
-    """One trial: per-epoch reports, then the final metrics with the adapters as a checkpoint.
+def trial_data(config: dict[str, Any], features: FeatureHandles) -> Any:
+    """The TrialData of one resolved trial config: opens (memory-maps) only the keys it names."""
+    import backbones
 
-    `normalized`: the store holds `share_features`' L2-normalised arrays."""
-    import torch
+    from study.trial import TrialData
 
-    from study.trial import TrialData, run_trial
-
-    config = table.resolve(config)
-
-    def feats(backbone: str, dataset: str, split: str) -> _Arrays:
-        return _Arrays(features[str(FeatureKey(backbone, dataset, split))])
+    def feats(backbone: str, dataset: str, split: str) -> Any:
+        return backbones.open_features(features[str(FeatureKey(backbone, dataset, split))])
 
     zero_shot = {}
     for item in config["zero_shot"]:
         ds, split = item.split(":")
         zero_shot[ds] = feats(config["new"], ds, split)
-    data = TrialData(
+    return TrialData(
         old_train=feats(config["old"], config["dataset"], config["train_split"]),
         new_train=feats(config["new"], config["dataset"], config["train_split"]),
         old_eval=feats(config["old"], config["dataset"], config["eval_split"]),
         new_eval=feats(config["new"], config["dataset"], config["eval_split"]),
         zero_shot=zero_shot,
-        normalized=normalized,
     )
+
+
+def run_one(config: dict[str, Any], features: FeatureHandles, table: TrialTable) -> None:
+    """One trial: per-epoch reports, then the final metrics with the adapters as a checkpoint."""
+    import torch
+
+    from study.trial import run_trial
+
+    config = table.resolve(config)
+    data = trial_data(config, features)
     _inject_fault(config)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -345,13 +408,13 @@ def _reporter(spec: StudySpec, total: int) -> tune.CLIReporter:
                             max_report_frequency=15, max_progress_rows=12, max_column_length=60)
 
 
-def make_tuner(spec: StudySpec, exp: Experiment, features: FeatureStore, tracker: StudyTracker, *,
-               storage: str, max_concurrent: int | None = None, normalized: bool = False) -> tune.Tuner:
+def make_tuner(spec: StudySpec, exp: Experiment, features: FeatureHandles, tracker: StudyTracker, *,
+               storage: str, max_concurrent: int | None = None) -> tune.Tuner:
     """A new Tuner, or the restored one when the experiment folder holds an interrupted run.
 
-    `features` as `share_features` returns them, `normalized` its flag."""
+    `features`: the feature phase's handles (a few bytes per key)."""
     trainable = tune.with_resources(
-        tune.with_parameters(run_one, features=features, table=exp.table, normalized=normalized),
+        tune.with_parameters(run_one, features=features, table=exp.table),
         {"cpu": spec.cpu, "gpu": spec.gpu})
     path = os.path.join(storage, exp.name)
     if tune.Tuner.can_restore(path):
