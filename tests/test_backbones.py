@@ -28,11 +28,14 @@ def test_registry_lists_sorted_and_filtered() -> None:
     names = backbones.list_backbones()
     assert {"resnet18", "vit_large_patch16_224", "tf_efficientnet_lite0", "mnist_old", "mnist_new"} <= set(names)
     assert backbones.list_backbones("tf_efficientnet_lite*") == [f"tf_efficientnet_lite{i}" for i in range(3)]
-    assert set(backbones.list_backbones(offline=True)) == {*OFFLINE_PRETRAINED, "mnist_old", "mnist_new"}
+    synthetic = set(backbones.list_backbones("synthetic_*"))
+    assert set(backbones.list_backbones(offline=True)) == {*OFFLINE_PRETRAINED, "mnist_old", "mnist_new", *synthetic}
+    assert {backbones.backbone_cfg(n).dim for n in synthetic} >= {128, 256, 512, 1024, 1280, 1536}
     assert backbones.list_backbones("no-such-*") == []
 
 
-@pytest.mark.parametrize("name", backbones.list_backbones())
+@pytest.mark.parametrize("name", [n for n in backbones.list_backbones()
+                                  if backbones.backbone_cfg(n).source != "synthetic"])
 def test_entry_facts_match_timm(name: str) -> None:
     """dim, input size and fixed-size flag agree with timm's own metadata (no weights needed)."""
     cfg = backbones.backbone_cfg(name)

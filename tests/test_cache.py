@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -104,7 +105,14 @@ def _drop_meta(entry: Path) -> str:
     return "meta.json is missing"
 
 
-@pytest.mark.parametrize("corrupt", [_truncate, _flip_byte, _drop_meta], ids=["truncated", "flipped", "no-meta"])
+def _drop_meta_and_shard_records(entry: Path) -> str:
+    (entry / "meta.json").unlink()
+    shutil.rmtree(entry / "shards")
+    return "meta.json is missing"
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _flip_byte, _drop_meta_and_shard_records],
+                         ids=["truncated", "flipped", "no-meta-no-records"])
 def test_corruption_is_detected_and_reextracted(
     corrupt: Any, pristine: tuple[Path, backbones.Features], tmp_path: Path
 ) -> None:
@@ -119,6 +127,104 @@ def test_corruption_is_detected_and_reextracted(
     assert backbones.extraction_count() == before + 1 and again.meta["from_cache"] is False
     assert np.array_equal(again.x, good.x) and np.array_equal(again.y, good.y)
     assert _extract(tmp_path).meta["from_cache"] is True  # repaired
+
+
+def test_missing_meta_resumes_from_the_verified_shards(pristine: tuple[Path, backbones.Features], tmp_path: Path) -> None:
+    """meta.json is written last: without it the entry is an unfinished extraction. Its shards are
+    verified against their records and kept; nothing is embedded again, nothing corrupt is served."""
+    cache, good = pristine
+    shutil.copytree(cache, tmp_path, dirs_exist_ok=True)
+    entry = Path(good.meta["path"].replace(str(cache), str(tmp_path)))
+    _drop_meta(entry)
+    before = backbones.extraction_count()
+    with pytest.warns(backbones.CacheWarning, match="meta.json is missing"):
+        again = _extract(tmp_path)
+    assert backbones.extraction_count() == before and again.meta["from_cache"] is True
+    assert np.array_equal(again.x, good.x) and (entry / "meta.json").is_file()
+
+
+SHARDED = dict(shard_rows=32)  # digits/test: 359 rows -> 12 shards
+
+
+def _sharded_worker(cache: str) -> None:
+    torch.set_num_threads(1)
+    backbones.extract(BACKBONE, DATASET, SPLIT, cache_dir=cache, progress=False, **SHARDED)
+
+
+def _records(cache: Path) -> list[Path]:
+    return sorted(cache.glob("features/*/*/*/shards/*.json"))
+
+
+def test_killed_sharded_extraction_resumes_with_the_same_bytes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    good = _extract(tmp_path / "uninterrupted", **SHARDED)  # same shards, so the same batches
+    tmp_path = tmp_path / "killed"
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_sharded_worker, args=(str(tmp_path),))
+    proc.start()
+    deadline = time.monotonic() + 240
+    while len(_records(tmp_path)) < 3 and proc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    done = len(_records(tmp_path))
+    assert 3 <= done < 12, f"the kill came too late: {done} of 12 shards were finished"
+    assert not list(tmp_path.glob("features/*/*/*/meta.json"))  # never served half-done
+    before = backbones.extraction_count()
+    resumed = _extract(tmp_path, **SHARDED)
+    assert backbones.extraction_count() - before == 12 - done  # only the missing shards
+    assert resumed.meta["from_cache"] is False and len(resumed.meta["shards"]) == 12
+    assert np.array_equal(resumed.x, good.x) and np.array_equal(resumed.y, good.y)
+
+
+def test_a_corrupt_shard_is_found_and_only_it_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backbones import _cache
+
+    first = _extract(tmp_path, **SHARDED)
+    good = np.array(first.x)
+    entry = Path(first.meta["path"])
+    x = entry / "x.npy"
+    offset = _cache._npy_offset(x)[0]
+    data = bytearray(x.read_bytes())
+    data[offset + 200 * 1280 * 4 + 7] ^= 0x10  # a byte of row 200: shard 6 (rows 192-224)
+    x.write_bytes(bytes(data))
+    before = backbones.extraction_count()
+    with pytest.warns(backbones.CacheWarning, match=r"x.npy: shard 6 \(rows 192-224\)"):
+        again = _extract(tmp_path, **SHARDED)
+    assert backbones.extraction_count() - before == 1
+    assert np.array_equal(again.x, good)
+
+    hashed: list[int] = []
+    real = _cache._hash_range
+    monkeypatch.setattr(_cache, "_hash_range", lambda *a: hashed.append(a[2]) or real(*a))
+    assert _extract(tmp_path, **SHARDED).meta["from_cache"] is True
+    assert hashed == []  # later opens on this node: stat + headers only, no data read
+    _cache.CacheEntry(entry)._stamp_file().unlink()  # as on another node's first use
+    assert _extract(tmp_path, **SHARDED).meta["from_cache"] is True
+    assert sum(hashed) == x.stat().st_size - offset + (entry / "y.npy").stat().st_size - _cache._npy_offset(entry / "y.npy")[0]
+
+
+def test_float16_storage_is_its_own_entry(pristine: tuple[Path, backbones.Features], tmp_path: Path) -> None:
+    _, good = pristine
+    half = _extract(tmp_path, dtype="float16")
+    assert half.x.dtype == np.float16 and half.meta["path"] != good.meta["path"]
+    np.testing.assert_array_equal(half.x, good.x.astype(np.float16))
+
+
+def test_synthetic_features_are_deterministic_per_row_range(tmp_path: Path) -> None:
+    from backbones import _synthetic
+
+    name = backbones.synthetic_dataset(classes=5, train=9000, test=100, seed=2)
+    whole = backbones.extract("synthetic_64", name, "train", cache_dir=tmp_path, shard_rows=4000, progress=False)
+    x, y = _synthetic.features(name, "train", 64, 4090, 8200)  # across blocks and shards
+    assert np.array_equal(x, whole.x[4090:8200]) and np.array_equal(y, whole.y[4090:8200])
+    assert np.bincount(whole.y).tolist() == [1800] * 5
+    other = _synthetic.features(name, "train", 128, 0, 10)[1]
+    assert np.array_equal(other, whole.y[:10])  # every synthetic backbone sees the same images
+    with pytest.raises(ValueError, match="only synthetic data sets|not a synthetic data set"):
+        backbones.extract("synthetic_64", "digits", "test", cache_dir=tmp_path)
 
 
 def test_cache_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,9 +262,10 @@ def test_extraction_batches_in_order_with_and_without_prefetch(prefetch: bool) -
     """The CUDA path prepares batch k + 1 in a thread: same batches, same order, errors still raised."""
     images = [np.full((2, 2), i, np.float32) for i in range(10)]
     prep = lambda ims: torch.stack([torch.as_tensor(im) for im in ims]) * 2  # noqa: E731
-    got = list(extract_module._batches(images, prep, 10, 4, prefetch=prefetch))
+    got = list(extract_module._batches(images, prep, 0, 10, 4, prefetch=prefetch))
     assert [s for s, _ in got] == [0, 4, 8]
     assert torch.equal(torch.cat([b for _, b in got]), torch.as_tensor(np.stack(images)) * 2)
+    assert [s for s, _ in extract_module._batches(images, prep, 3, 10, 4, prefetch=prefetch)] == [3, 7]  # a shard
 
     def bad(ims):
         if any(float(im[0, 0]) == 6 for im in ims):
@@ -166,4 +273,4 @@ def test_extraction_batches_in_order_with_and_without_prefetch(prefetch: bool) -
         return torch.stack([torch.as_tensor(im) for im in ims])
 
     with pytest.raises(ValueError, match="unreadable image 6"):
-        list(extract_module._batches(images, bad, 10, 4, prefetch=prefetch))
+        list(extract_module._batches(images, bad, 0, 10, 4, prefetch=prefetch))

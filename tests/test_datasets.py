@@ -15,7 +15,7 @@ ONLINE = {"cifar100", "flowers102", "places365", "cub200", "imagenet_val"}
 
 
 def test_registry_has_offline_and_online_sets() -> None:
-    assert set(OFFLINE) == {"mnist", "digits", "lfw_subset", "photos"}
+    assert set(OFFLINE) == {"mnist", "digits", "lfw_subset", "photos", "synthetic-c10-train4000-test1000"}
     assert set(backbones.list_datasets(offline=False)) == ONLINE
     assert backbones.dataset_cfg("mnist").resolution == 64
     assert backbones.dataset_cfg("places365").splits == ("train-standard", "val")

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import backbones
+
 from study.cli import main
 from study.space import SpaceError, load_space
 
@@ -80,6 +82,13 @@ BAD = [
     ("optuna-needs-lambda", _with(search={"kind": "optuna"}), ["methods", "lambda"]),
     ("pair-missing-new", _with(pairs=[{"old": "mnist_old"}]), ["pairs[0].new", "required"]),
     ("train-equals-eval", _with(datasets=[{"name": "mnist", "train": "test", "eval": "test"}]), ["datasets[0].eval", "differ"]),
+    ("feature-dtype-unknown", _with(features={"dtype": "bfloat16"}), ["features.dtype", "float32, float16"]),
+    ("features-unknown-key", _with(features={"precision": "float16"}), ["features", "precision"]),
+    ("synthetic-bad-sizes", _with(datasets=[{"name": "synthetic-c1-train10-test10"}]), ["datasets[0].name", ">= 2 classes"]),
+    ("synthetic-misspelt", _with(datasets=[{"name": "synthetic-c10-train10"}]),
+     ["datasets[0].name", "synthetic-c<classes>-train<N>-test<M>"]),
+    ("synthetic-backbone-real-data", _with(pairs=[{"old": "synthetic_128", "new": "synthetic_256"}]),
+     ["pairs[0].old", "synthetic_128", "only synthetic", "mnist"]),
 ]
 
 
@@ -138,19 +147,11 @@ def test_ray_workers_do_not_import_the_backbone_registry() -> None:
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_share_features_normalises_once_when_the_study_does(normalize: bool) -> None:
-    import dataclasses
-
-    import numpy as np
-
-    from study.tune import share_features
-
-    spec = load_space(SPACES / "smoke.yaml")
-    spec = dataclasses.replace(spec, train={**spec.train, "normalize": normalize})
-    x = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32) * 4
-    store, normalized = share_features(spec, {"k": (x, np.arange(20))})
-    assert normalized is normalize
-    expected = x / np.linalg.norm(x, axis=1, keepdims=True) if normalize else x
-    np.testing.assert_allclose(store["k"][0], expected, rtol=1e-6)
-    assert store["k"][1] is not None and (store["k"][1] == np.arange(20)).all()
+def test_synthetic_space_parses_sizes_from_the_name(tmp_path) -> None:
+    space = _with(pairs=[{"old": "synthetic_128", "new": "tf_efficientnet_lite0"}],
+                  datasets=[{"name": "synthetic-c7-train300-test50-s3"}], zero_shot=[], features={"dtype": "float16"})
+    spec = load_space(_write(tmp_path, space))
+    assert spec.feature_dtype == "float16"
+    cfg = backbones.dataset_cfg(spec.datasets[0].dataset)
+    assert cfg.num_classes == 7 and cfg.splits == ("train", "test") and spec.datasets[0].eval == "test"
+    assert len(backbones.load_dataset(cfg.name, "train")) == 300  # noise images for the real backbone

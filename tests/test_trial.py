@@ -230,14 +230,6 @@ def test_center_shifts_every_split_by_the_train_mean():
     assert r.metrics["zs/z1"] == 0.0  # still the same (centred) new space: orthogonal B keeps it
 
 
-def _prenormalised(data: TrialData) -> TrialData:
-    from study.trial import normalize_rows
-
-    part = lambda f: NS(x=normalize_rows(f.x), y=f.y)  # noqa: E731
-    return TrialData(part(data.old_train), part(data.new_train), part(data.old_eval), part(data.new_eval),
-                     {k: part(v) for k, v in data.zero_shot.items()}, normalized=True)
-
-
 def test_normalize_rows_gives_unit_rows_in_float32():
     from study.trial import normalize_rows
 
@@ -247,19 +239,53 @@ def test_normalize_rows_gives_unit_rows_in_float32():
     np.testing.assert_allclose(out, x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-6)
 
 
-@pytest.mark.parametrize("method,center", [("lambda", False), ("orthogonal", True), ("independent", False)])
-def test_prenormalised_features_give_the_same_trial(method, center):
-    """A study normalises its shared features once (study.tune.share_features): same metrics, same weights."""
-    data = _data(d=6, n=8)
-    cfg = dict(FAST, method=method, lam=1.0, center=center)
-    a, b = run_trial(cfg, data), run_trial(cfg, _prenormalised(data))
+def _stored(data: TrialData, folder: pathlib.Path, dtype=np.float32) -> TrialData:
+    """The same features as read-only memory maps of .npy files (as the feature cache serves them)."""
+    count = iter(range(100))
+
+    def part(f):
+        path = folder / f"{next(count)}.npy"
+        np.save(path, np.asarray(f.x, dtype=dtype))
+        return NS(x=np.load(path, mmap_mode="r"), y=f.y)
+
+    return TrialData(part(data.old_train), part(data.new_train), part(data.old_eval), part(data.new_eval),
+                     {k: part(v) for k, v in data.zero_shot.items()})
+
+
+def _same_trial(a: TrialResult, b: TrialResult) -> None:
     for k, v in a.metrics.items():
         if not k.startswith("time/"):
-            assert v == pytest.approx(b.metrics[k], rel=1e-5, abs=1e-5, nan_ok=True), k
+            assert v == b.metrics[k] or (math.isnan(v) and math.isnan(b.metrics[k])), k
     for k, v in a.state.items():
-        torch.testing.assert_close(v, b.state[k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(v, b.state[k]), k
 
 
-def test_prenormalised_features_with_normalize_off_is_an_error():
-    with pytest.raises(ValueError, match="already L2-normalised"):
-        run_trial(dict(FAST, method="affine", normalize=False), _prenormalised(_data()))
+@pytest.mark.parametrize("method,center", [("lambda", False), ("orthogonal", True), ("independent", False)])
+def test_memory_mapped_features_give_the_same_trial(tmp_path, method, center):
+    """Trials read cache entries as read-only memory maps, a batch at a time: same numbers, bit for bit."""
+    data = _data(d=6, n=8)
+    cfg = dict(FAST, method=method, lam=1.0, center=center)
+    _same_trial(run_trial(cfg, data), run_trial(cfg, _stored(data, tmp_path)))
+
+
+def test_float16_features_train_as_their_float32_values(tmp_path):
+    """float16 storage: each batch is cast to float32, exactly as if the float16 values had been stored as float32."""
+    data = _data(d=6, n=8)
+    as16 = _stored(data, tmp_path, np.float16)
+    up = lambda f: NS(x=np.asarray(f.x, dtype=np.float32), y=f.y)  # noqa: E731
+    upcast = TrialData(up(as16.old_train), up(as16.new_train), up(as16.old_eval), up(as16.new_eval),
+                       {k: up(v) for k, v in as16.zero_shot.items()})
+    cfg = dict(FAST, method="lambda", lam=1.0, center=True)
+    _same_trial(run_trial(cfg, as16), run_trial(cfg, upcast))
+
+
+def test_centre_of_a_large_train_split_is_the_mean_of_its_unit_rows(monkeypatch):
+    from study import trial as trial_module
+
+    x = np.random.default_rng(0).normal(size=(1000, 5)).astype(np.float16)
+    monkeypatch.setattr(trial_module._TrainRows, "CHUNK", 64)  # several passes, as for a split of millions
+    rows = trial_module._TrainRows(NS(x=x), normalize=True, center=True, device=torch.device("cpu"))
+    unit = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    np.testing.assert_allclose(rows.shift.numpy(), unit.mean(0), atol=1e-6)
+    idx = torch.tensor([3, 999, 3])
+    np.testing.assert_allclose(rows[idx].numpy(), unit[[3, 999, 3]] - unit.mean(0), atol=1e-6)
