@@ -18,7 +18,7 @@ import importlib
 from typing import Any
 
 from . import _datasets, _synthetic, _zoo  # noqa: F401  (importing them registers the entries)
-from ._cache import DTYPES, CacheWarning, Features, Handle, cache_root, open_features
+from ._cache import DTYPES, CacheWarning, Features, Handle, cache_root, open_features, write_features
 from ._datasets import ImageSet, data_root, load_dataset
 from ._registry import (
     BackboneCfg,
@@ -55,5 +55,5 @@ def __getattr__(name: str) -> Any:
 __all__ = sorted([
     *_LAZY, "DTYPES", "BackboneCfg", "CacheWarning", "DatasetCfg", "Features", "Handle", "ImageSet", "TrainCfg",
     "UnknownNameError", "backbone_cfg", "cache_root", "data_root", "dataset_cfg", "list_backbones",
-    "list_datasets", "load_dataset", "open_features", "register_backbone", "register_dataset", "synthetic_dataset", "SYNTHETIC_PATTERN",
+    "list_datasets", "load_dataset", "open_features", "register_backbone", "register_dataset", "synthetic_dataset", "SYNTHETIC_PATTERN", "write_features",
 ])

@@ -393,3 +393,20 @@ def open_features(handle: Handle | str | Path) -> Features:
     x, y, meta = got
     from_cache = handle.from_cache if isinstance(handle, Handle) else True
     return Features(x, y, {**meta, "from_cache": from_cache, "path": str(path)})
+
+
+def write_features(x: np.ndarray, y: np.ndarray, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
+                   shard_rows: int = 16384) -> Handle:
+    """Store arrays computed elsewhere as a complete, verified cache entry at `path`; its Handle.
+
+    x is [N, D] float32 or float16, y [N] integer labels. Written shard by shard like an extraction."""
+    x, y = np.asarray(x), np.asarray(y, dtype=np.int64)
+    if x.ndim != 2 or y.shape != (x.shape[0],) or str(x.dtype) not in DTYPES:
+        raise ValueError(f"need x [N, D] of {DTYPES} and y [N], got x {x.shape} {x.dtype} and y {y.shape}")
+    entry = CacheEntry(Path(path))
+    todo = entry.prepare(x.shape[0], x.shape[1], str(x.dtype), shard_rows)
+    for s in todo:
+        entry.write_shard(s, [(x[s.start:s.stop], y[s.start:s.stop])])
+    stored = entry.finish(dict(meta or {}), len(shards_of(x.shape[0], shard_rows)))
+    assert stored is not None
+    return Handle(str(entry.path), int(x.shape[0]), int(x.shape[1]), str(x.dtype), from_cache=False)

@@ -254,11 +254,11 @@ def spec_from_yaml(text: str, folder: str | Path, name: str = "space.yaml"):
     return load_space(path)
 
 
-def feature_store(spec: Any, sizes: dict[tuple[str, str], int], *, classes: int = 10, seed: int = 0,
-                  separation: float = 0.5) -> dict[str, tuple[Any, Any]]:
-    """A FeatureStore (str(FeatureKey) -> (x, y)) of random features for every key of `spec`,
-    as study.tune.feature_phase would return; sizes[(dataset, split)] = rows. Keys of one
-    (dataset, split) share labels, so old/new pairs line up."""
+def feature_store(spec: Any, sizes: dict[tuple[str, str], int], folder: str | Path, *, classes: int = 10,
+                  seed: int = 0, separation: float = 0.5) -> dict[str, Any]:
+    """Handles (str(FeatureKey) -> backbones.Handle) of random features for every key of `spec`,
+    stored as cache entries under `folder`, as study.tune.feature_phase would return them;
+    sizes[(dataset, split)] = rows. Keys of one (dataset, split) share labels, so old/new pairs line up."""
     import numpy as np
 
     import backbones
@@ -273,7 +273,7 @@ def feature_store(spec: Any, sizes: dict[tuple[str, str], int], *, classes: int 
         y = labels[ds]
         x = clustered(len(y), backbones.backbone_cfg(key.backbone).dim, y, seed=seed * 1000 + i + 1,
                       separation=separation, classes=classes)
-        store[str(key)] = (x, y)
+        store[str(key)] = backbones.write_features(x, y, Path(folder) / f"key{i}")
     return store
 
 

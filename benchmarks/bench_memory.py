@@ -163,8 +163,8 @@ def run_trials(k: int, args, work: Path) -> dict:
     seeds = ", ".join(str(i) for i in range(k))
     spec = C.spec_from_yaml(SPACE.format(name=f"bench-memory-{k}", method=args.method, seeds=seeds,
                                          epochs=args.epochs, batch=args.batch_size), work, f"memory{k}.yaml")
-    store = C.feature_store(spec, {("mnist", "train"): args.n, ("mnist", "test"): args.n_eval})
-    nbytes = sum(x.nbytes + y.nbytes for x, y in store.values())
+    store = C.feature_store(spec, {("mnist", "train"): args.n, ("mnist", "test"): args.n_eval}, work / f"features{k}")
+    nbytes = sum(h.rows * (h.dim * 4 + 8) for h in store.values())
     with Sampler(args.interval) as s:
         out = C.run_study_on(spec, store, work / f"trials{k}", num_cpus=args.num_cpus)
     del store

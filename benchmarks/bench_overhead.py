@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     calib: dict[int, dict] = {}
     count = None
     specs = {e: grid_space(args, e, f"bench-overhead-e{e}", work) for e in epochs_list}
-    stores = {e: C.feature_store(specs[e], sizes) for e in epochs_list}
+    stores = {e: C.feature_store(specs[e], sizes, work / f"features-e{e}") for e in epochs_list}
     if not args.skip_overhead:
         for e in epochs_list:
             calib[e] = calibrate(specs[e], stores[e], args.calibrate_repeat)

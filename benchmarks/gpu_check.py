@@ -332,7 +332,8 @@ def _throughput_ray(c, trials, cpu_each, cuda, n_train, n_eval, dim, epochs, dev
         lambdas = ", ".join(f"{i:g}" for i in range(trials))
         spec = C.spec_from_yaml(SPACE.format(name=f"gpu-tp-{c}", lambdas=lambdas, epochs=epochs, batch=512,
                                              device=device, cpu=cpu_each, gpu=(1 / c) if cuda else 0), work)
-        store = C.feature_store(spec, {("mnist", "train"): n_train, ("mnist", "test"): n_eval}, classes=100)
+        store = C.feature_store(spec, {("mnist", "train"): n_train, ("mnist", "test"): n_eval}, work / "features",
+                                classes=100)
         out = C.run_study_on(spec, store, work / "study", num_cpus=cpus)
         del store
         results = [r for grid in out["results"] for r in grid]
