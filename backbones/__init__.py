@@ -18,7 +18,7 @@ import importlib
 from typing import Any
 
 from . import _datasets, _synthetic, _zoo  # noqa: F401  (importing them registers the entries)
-from ._cache import DTYPES, CacheWarning, Features, Handle, cache_root, open_features, write_features
+from ._cache import DTYPES, SHARD_ROWS, CacheWarning, Features, Handle, cache_root, open_features, write_features
 from ._datasets import ImageSet, data_root, load_dataset
 from ._registry import (
     BackboneCfg,
@@ -36,7 +36,7 @@ from ._synthetic import PATTERN as SYNTHETIC_PATTERN
 from ._synthetic import dataset_name as synthetic_dataset
 
 _LAZY = {  # name -> private module (these import torch / timm)
-    **dict.fromkeys(("EXTRACTOR_VERSION", "SHARD_ROWS", "Job", "extract", "extract_shard",
+    **dict.fromkeys(("EXTRACTOR_VERSION", "Job", "extract", "extract_shard",
                      "extraction_count", "finish", "plan"), "_extract"),
     **dict.fromkeys(("Backbone", "is_prepared", "load", "load_classifier", "weights_id"), "_models"),
     **dict.fromkeys(("CheckpointError", "load_checkpoint", "save_checkpoint", "train", "train_digest"), "_train"),
@@ -53,7 +53,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = sorted([
-    *_LAZY, "DTYPES", "BackboneCfg", "CacheWarning", "DatasetCfg", "Features", "Handle", "ImageSet", "TrainCfg",
+    *_LAZY, "DTYPES", "SHARD_ROWS", "BackboneCfg", "CacheWarning", "DatasetCfg", "Features", "Handle", "ImageSet", "TrainCfg",
     "UnknownNameError", "backbone_cfg", "cache_root", "data_root", "dataset_cfg", "list_backbones",
     "list_datasets", "load_dataset", "open_features", "register_backbone", "register_dataset", "synthetic_dataset", "SYNTHETIC_PATTERN", "write_features",
 ])

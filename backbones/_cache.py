@@ -35,6 +35,8 @@ from filelock import FileLock
 ENV_CACHE = "LAMBDA_COMPAT_CACHE"
 ARRAYS = ("x", "y")
 DTYPES = ("float32", "float16")  # storage precision of a cache entry's x
+SHARD_ROWS = 16384  # rows per shard: the unit of resume and of parallel extraction (a multiple of the
+#   extraction batch size, so a sharded pass embeds the same batches as one pass)
 READ_BLOCK = 8 << 20  # bytes hashed per read
 
 
@@ -396,7 +398,7 @@ def open_features(handle: Handle | str | Path) -> Features:
 
 
 def write_features(x: np.ndarray, y: np.ndarray, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
-                   shard_rows: int = 16384) -> Handle:
+                   shard_rows: int = SHARD_ROWS) -> Handle:
     """Store arrays computed elsewhere as a complete, verified cache entry at `path`; its Handle.
 
     x is [N, D] float32 or float16, y [N] integer labels. Written shard by shard like an extraction."""

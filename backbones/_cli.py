@@ -6,7 +6,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 
+from ._cache import DTYPES, SHARD_ROWS
 from ._registry import TrainCfg, backbone_cfg, dataset_cfg, list_backbones, list_datasets
+from ._synthetic import PATTERN as SYNTHETIC_PATTERN
 
 
 def parse_classes(text: str) -> tuple[int, ...]:
@@ -44,16 +46,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
                      c.description))
     print("\nData sets")
     print(_table(("name", "splits", "classes", "res", "offline", "description"), rows))
+    print(f"\nSynthetic data sets of any size: {SYNTHETIC_PATTERN} (features from backbones synthetic_<dim>, "
+          "no images or model; 64 px noise images for real backbones)")
     return 0
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from ._extract import extract
+    from ._extract import extract, extraction_count
 
-    f = extract(args.backbone, args.dataset, args.split, cache_dir=args.cache_dir,
-                batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    before = extraction_count()
+    f = extract(args.backbone, args.dataset, args.split, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                device=args.device, progress=not args.quiet, dtype=args.dtype, shard_rows=args.shard_rows)
     state = "cached" if f.meta["from_cache"] else "extracted"
-    print(f"{state} x{list(f.x.shape)} y{list(f.y.shape)}", file=sys.stderr)
+    print(f"{state} x{list(f.x.shape)} {f.x.dtype} y{list(f.y.shape)}: embedded {extraction_count() - before} "
+          f"of {len(f.meta['shards'])} shards", file=sys.stderr)
     print(f.meta["path"])
     return 0
 
@@ -91,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch-size", type=int, default=64)
     ex.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
+    ex.add_argument("--dtype", default="float32", choices=DTYPES, help="storage precision")
+    ex.add_argument("--shard-rows", type=int, default=SHARD_ROWS,
+                    help="rows per shard (the unit of resume); a multiple of --batch-size keeps the numbers of one pass")
     ex.set_defaults(fn=_cmd_extract)
 
     tr = sub.add_parser("train", help="train a class-extension backbone and write its checkpoint")

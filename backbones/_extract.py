@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _synthetic
-from ._cache import DTYPES, CacheEntry, CacheWarning, Corrupt, Features, Handle, Shard, cache_root, content_key, open_features
+from ._cache import DTYPES, SHARD_ROWS, CacheEntry, CacheWarning, Corrupt, Features, Handle, Shard, cache_root, content_key, open_features
 from ._datasets import load_dataset
 from ._models import Backbone, PathLike, input_resolution, load, preprocess_for, weights_id
 from ._registry import BackboneCfg, backbone_cfg, check_split
@@ -35,7 +35,6 @@ from ._transforms import Preprocess
 
 EXTRACTOR_VERSION = 1  # bump when extraction changes the numbers it produces
 CACHE_FORMAT = 2  # 2: sharded entries (x.npy / y.npy + shard records)
-SHARD_ROWS = 16384  # rows per shard: the unit of resume and of parallel extraction
 _EXTRACTIONS = 0
 
 

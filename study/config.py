@@ -106,6 +106,8 @@ class TrialConfig:
     epochs: int = 40  # ours: 640 Adam steps at N = 4000, batch 256. Enough for D(W) to reach lam up to ~12 on
     #   the MNIST pair; the unregularised affine B keeps drifting (D = 13 after 40 epochs, 27 after 160), so where
     #   the lambda sweep meets "affine" depends on this value
+    steps_per_epoch: int | None = None  # ours: None = every batch of the train split per epoch; k = the first k
+    #   batches of each epoch's permutation (splits of millions of rows, capacity dry runs)
     batch_size: int = 256  # ours: big enough for several positives per class in L_C at 10 classes
     init: str = "identity"  # ours: B = I (orthogonal, D = 0: every method starts admissible), F = I_{n x d}
     #   zero-padded (F(h_old) ~ B(h_new) ~ h_old at the optimum); "torch": nn.Linear's default init
@@ -182,6 +184,8 @@ class TrialConfig:
             raise ValueError(
                 f"`{path}.backfill_metric` {self.backfill_metric!r} needs k in `{path}.topk` {self.topk!r}"
             )
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"`{path}.steps_per_epoch` must be None or >= 1, got {self.steps_per_epoch!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"`{path}.num_threads` must be None or >= 1, got {self.num_threads!r}")
 

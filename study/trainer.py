@@ -89,9 +89,13 @@ def train(
     seed: int = 0,
     device: torch.device | str = "cpu",
     num_threads: int | None = None,
+    steps_per_epoch: int | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Minimise `batch_loss(idx)["loss/total"]` with Adam over `epochs` passes.
+
+    With `steps_per_epoch`, an epoch is the first that many batches of its permutation
+    (for train splits of millions of rows); None: a full pass.
 
     batch_loss gets a LongTensor of sample indices on `device` and returns a dict
     of scalar tensors including "loss/total"; every key is averaged over the
@@ -110,8 +114,11 @@ def train(
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n_samples, generator=gen).to(device)
         sums: dict[str, Tensor] = {}
-        for step, start in enumerate(range(0, n_samples, batch_size)):
+        starts = range(0, n_samples, batch_size)[:steps_per_epoch]
+        seen = 0
+        for step, start in enumerate(starts):
             idx = perm[start : start + batch_size]
+            seen += len(idx)
             with parametrize.cached():
                 losses = batch_loss(idx)
                 total = losses["loss/total"]
@@ -124,7 +131,7 @@ def train(
             for k, v in losses.items():
                 v = v.detach() * len(idx)
                 sums[k] = sums[k] + v if k in sums else v
-        means = {k: float(v) / n_samples for k, v in sums.items()}
+        means = {k: float(v) / seen for k, v in sums.items()}
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
             raise DivergedError(epoch, ", ".join(f"{k} = {means[k]}" for k in bad))

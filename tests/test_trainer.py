@@ -147,3 +147,22 @@ def test_training_does_not_import_torch_dynamo():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_steps_per_epoch_takes_the_first_batches_of_each_permutation():
+    """An epoch of k steps sees exactly the first k batches of the seeded permutation a full epoch would."""
+    seen: list[list[int]] = []
+
+    def loss(idx):
+        seen.append(idx.tolist())
+        return {"loss/total": torch.tensor(float(sum(seen[-1])))}
+
+    train([], loss, 100, epochs=2, batch_size=16, seed=3, steps_per_epoch=2)
+    short = seen[:]
+    seen.clear()
+    full = train([], loss, 100, epochs=2, batch_size=16, seed=3)
+    assert short == seen[0:2] + seen[7:9]  # 7 batches per full epoch
+    assert len(full) == 2
+    seen.clear()
+    hist = train([], loss, 100, epochs=1, batch_size=16, seed=3, steps_per_epoch=2)
+    assert hist[0]["loss/total"] == pytest.approx((sum(seen[0]) * 16 + sum(seen[1]) * 16) / 32)
