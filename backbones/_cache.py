@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable
@@ -33,6 +34,7 @@ import numpy as np
 from filelock import FileLock
 
 ENV_CACHE = "LAMBDA_COMPAT_CACHE"
+ENV_NODE_CACHE = "LAMBDA_COMPAT_NODE_CACHE"  # optional node-local folder (e.g. NVMe) that readers copy keys to
 ARRAYS = ("x", "y")
 DTYPES = ("float32", "float16")  # storage precision of a cache entry's x
 SHARD_ROWS = 16384  # rows per shard: the unit of resume and of parallel extraction (a multiple of the
@@ -387,14 +389,56 @@ class Handle:
 
 
 def open_features(handle: Handle | str | Path) -> Features:
-    """The arrays of a complete entry, memory-mapped read-only (verified on this node's first open)."""
+    """The arrays of a complete entry, memory-mapped read-only (verified on this node's first open).
+
+    With env LAMBDA_COMPAT_NODE_CACHE set (a node-local disk), the entry is first copied there,
+    once per node and per version of the entry, and the copy is what gets verified and mapped:
+    random batch reads then hit local disk instead of the shared file system."""
     path = Path(handle.path if isinstance(handle, Handle) else handle)
-    got = CacheEntry(path).open()
+    local = node_copy(path) if os.environ.get(ENV_NODE_CACHE) else path
+    got = CacheEntry(local).open()
     if got is None:
         raise FileNotFoundError(f"{path}: no complete feature-cache entry here")
     x, y, meta = got
     from_cache = handle.from_cache if isinstance(handle, Handle) else True
-    return Features(x, y, {**meta, "from_cache": from_cache, "path": str(path)})
+    return Features(x, y, {**meta, "from_cache": from_cache, "path": str(path), "opened": str(local)})
+
+
+def node_copy(path: Path) -> Path:
+    """The node-local copy of the complete entry at `path` under $LAMBDA_COMPAT_NODE_CACHE, made if
+    missing or stale (the source's meta.json and file stats are compared). A copy that fails
+    verification is removed and reported as the source's fault (`Corrupt`)."""
+    root = Path(os.environ[ENV_NODE_CACHE]).expanduser()
+    local = root / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+    src = CacheEntry(path)
+    try:
+        source = {"meta": hashlib.sha256(src.meta_path.read_bytes()).hexdigest(),
+                  "files": {a: [src.file(a).stat().st_size, src.file(a).stat().st_mtime_ns] for a in ARRAYS}}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no complete feature-cache entry here") from None
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(local) + ".lock"):
+        stamp = local / "source.json"
+        try:
+            fresh = json.loads(stamp.read_text()) == source
+        except (FileNotFoundError, ValueError):
+            fresh = False
+        if not fresh:
+            if local.exists():
+                shutil.rmtree(local)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{local.name}."))
+            for a in ARRAYS:
+                shutil.copyfile(src.file(a), tmp / f"{a}.npy")
+            shutil.copyfile(src.meta_path, tmp / "meta.json")  # last: the copy is complete
+            try:
+                CacheEntry(tmp).open()  # hashes every shard of the copy against the records
+            except Corrupt as bad:
+                shutil.rmtree(tmp)
+                raise Corrupt(f"{path}: its node-local copy failed verification ({bad})") from None
+            atomic_write_bytes(tmp / "source.json", json.dumps(source).encode())
+            os.replace(tmp, local)
+            CacheEntry(local).write_stamp()
+    return local
 
 
 def write_features(x: np.ndarray, y: np.ndarray, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,

@@ -18,7 +18,11 @@ the bytes in /dev/shm (the object store's memory):
                           shards are recorded, the rerun embeds only the missing shards.
 
     python benchmarks/bench_scale.py            # full (about 25 min on a 2-core AMD EPYC)
-    python benchmarks/bench_scale.py --quick    # 90,000 / 9,000 rows, 20,000 images (< 3 min)
+    python benchmarks/bench_scale.py --quick    # 90,000 / 9,000 rows, eval 2,000, 20,000 images
+
+Trial workers memory-map their keys, and RSS counts every mapped page of the shared page
+cache (the kernel maps pages around each random row read), so a trial's RSS grows towards
+its keys' bytes while its USS (private memory) stays that of a trial on small data.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ class Sampler:
         self.root = psutil.Process(root_pid)
         self.interval = interval
         self.peak: dict[str, float] = {"driver": 0, "shm": 0, "total": 0}
-        self.workers: dict[int, dict] = {}  # pid -> {"role", "peak"}
+        self.workers: dict[int, dict] = {}  # pid -> {"role", "peak" (RSS), "uss" (private memory)}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.shm0 = shutil.disk_usage("/dev/shm").used
@@ -97,11 +101,16 @@ class Sampler:
             if p.pid == self.root.pid:
                 self.peak["driver"] = max(self.peak["driver"], rss)
                 continue
-            w = self.workers.setdefault(p.pid, {"role": "other", "peak": 0, "cmd": " ".join(cmd)[:80]})
+            w = self.workers.setdefault(p.pid, {"role": "other", "peak": 0, "uss": 0, "cmd": " ".join(cmd)[:80]})
             role = self.role(cmd)
             if role != "other" and w["role"] in ("other", "worker"):
                 w["role"] = role
             w["peak"] = max(w["peak"], rss)
+            if w["role"] == "trial":
+                try:
+                    w["uss"] = max(w["uss"], p.memory_full_info().uss)
+                except (self.ps.NoSuchProcess, self.ps.AccessDenied, OSError):
+                    pass
         self.peak["total"] = max(self.peak["total"], total)
         self.peak["shm"] = max(self.peak["shm"], shutil.disk_usage("/dev/shm").used - self.shm0)
 
@@ -118,8 +127,8 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
-    def by_role(self, role: str) -> list[int]:
-        return sorted(w["peak"] for w in self.workers.values() if w["role"] == role)
+    def by_role(self, role: str, what: str = "peak") -> list[int]:
+        return sorted(w[what] for w in self.workers.values() if w["role"] == role)
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -154,29 +163,29 @@ def run_study(rows: int, work: Path, cache: Path, args) -> dict:
         "driver_peak_mib": s.peak["driver"] / MiB, "tree_peak_mib": s.peak["total"] / MiB,
         "shm_peak_mib": s.peak["shm"] / MiB,
         "trial_peaks_mib": [v / MiB for v in s.by_role("trial")],
+        "trial_uss_peaks_mib": [v / MiB for v in s.by_role("trial", "uss")],
         "extraction_peaks_mib": [v / MiB for v in s.by_role("extraction")],
         "progress_lines": [ln for ln in text.splitlines() if "img/s" in ln][-3:],
         "tail": text.splitlines()[-3:] if rc else [],
     }
 
 
-def idle_worker_baseline(work: Path, args) -> float:
-    """Peak RSS of a Ray worker that imports what a trial imports and reports once (no features)."""
+def idle_worker_baseline(work: Path) -> dict:
+    """RSS and USS of a Ray trial worker that imports what a trial imports and reports once (no features)."""
     code = (
-        "import ray, time; from ray import tune\n"
+        "import json, ray, time; from ray import tune\n"
         "from study.tune import init_ray\n"
         "def idle(config):\n"
-        "    import torch, study.trial, numpy  # what a trial imports\n"
-        "    time.sleep(3); tune.report({'x': 1})\n"
+        "    import psutil, torch, numpy, study.trial  # what a trial imports\n"
+        "    time.sleep(2); m = psutil.Process().memory_full_info(); tune.report({'rss': m.rss, 'uss': m.uss})\n"
         "init_ray(None, 1)\n"
-        f"tune.Tuner(idle, run_config=tune.RunConfig(storage_path='{work / 'idle'}', verbose=0)).fit()\n"
+        f"r = tune.Tuner(idle, run_config=tune.RunConfig(storage_path='{work / 'idle'}', verbose=0)).fit()\n"
+        "print(json.dumps({k: r[0].metrics[k] for k in ('rss', 'uss')}))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "RAY_ADDRESS": "local"}, cwd=work)
-    with Sampler(proc.pid, args.interval) as s:
-        proc.wait()
-    peaks = [w["peak"] for w in s.workers.values() if "ImplicitFunc" in w["cmd"] or "idle" in w["cmd"]]
-    return max(peaks) / MiB if peaks else float("nan")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "RAY_ADDRESS": "local"}, cwd=work)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return {k: v / MiB for k, v in got.items()}
 
 
 def run_extraction(images: int, work: Path, cache: Path, args) -> dict:
@@ -224,22 +233,23 @@ def main() -> int:
     p.add_argument("--out", default=str(C.ROOT / "benchmarks" / "results" / "scale.json"))
     args = p.parse_args()
     if args.quick:
-        args.rows, args.images, args.shard_rows = 90_000, 20_000, 2_048
+        args.rows, args.images, args.shard_rows, args.eval_rows = 90_000, 20_000, 2_048, 2_000
         args.out = args.out.replace("scale.json", "scale_quick.json")
     C.setup_env(fresh_cache=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="lambda-compat-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     try:
-        baseline = idle_worker_baseline(work, args)
-        print(f"idle trial worker: {baseline:.0f} MiB RSS", flush=True)
+        idle = idle_worker_baseline(work)
+        baseline = idle["rss"]
+        print(f"idle trial worker: {idle['rss']:.0f} MiB RSS, {idle['uss']:.0f} MiB USS", flush=True)
         studies = []
         for rows in (args.rows // 10, args.rows):
             r = run_study(rows, work, cache, args)
             studies.append(r)
             print(f"study {rows:,} rows ({r['feature_bytes'] / 1e9:.2f} GB of features): rc {r['rc']}, "
                   f"{r['seconds']:.0f} s, driver peak {r['driver_peak_mib']:.0f} MiB, trial peaks "
-                  f"{[round(v) for v in r['trial_peaks_mib']]} MiB, /dev/shm peak {r['shm_peak_mib']:.0f} MiB",
+                  f"{[round(v) for v in r['trial_peaks_mib']]} MiB RSS {[round(v) for v in r['trial_uss_peaks_mib']]} MiB USS, /dev/shm peak {r['shm_peak_mib']:.0f} MiB",
                   flush=True)
             shutil.rmtree(cache / "features", ignore_errors=True)  # disk: one volume at a time
         ext = run_extraction(args.images, work, cache, args)
@@ -258,20 +268,23 @@ def main() -> int:
         "driver < 1.5 GB": big["driver_peak_mib"] < 1536,
         "trial <= own keys + idle baseline": all(v <= big["trial_key_bytes"] / MiB + baseline
                                                  for v in big["trial_peaks_mib"]),
+        "trial USS flat (no private copy; <= 10% or 150 MB)": max(big["trial_uss_peaks_mib"]) <= max(
+            1.1 * max(small["trial_uss_peaks_mib"]), max(small["trial_uss_peaks_mib"]) + 150),
         "extraction < 1 GB": ext["peak_rss_mib"] < 1024,
         "rerun embeds only the missing shards": ext["shards_embedded_on_rerun"] == ext["shards"] - ext["shards_done_when_killed"],
     }
     if args.quick:
         checks.pop("features >= 10 GB (full run)")
-    result = {"benchmark": "scale", "quick": args.quick, "args": vars(args), "idle_worker_mib": baseline,
+    result = {"benchmark": "scale", "quick": args.quick, "args": vars(args), "idle_worker_mib": idle,
               "studies": studies, "extraction": ext, "checks": checks}
     path = C.write_result(result, args.out)
     rows = [(f"{r['rows']:,}", f"{r['feature_bytes'] / 1e9:.2f}", r["rc"], f"{r['seconds']:.0f}",
              f"{r['driver_peak_mib']:.0f}", " / ".join(f"{v:.0f}" for v in r["trial_peaks_mib"]),
+             " / ".join(f"{v:.0f}" for v in r["trial_uss_peaks_mib"]),
              f"{r['trial_key_bytes'] / MiB:.0f} + {baseline:.0f}", f"{r['shm_peak_mib']:.0f}") for r in studies]
     print(C.header_line(result["machine"]))
-    print(C.markdown_table(("train rows", "features GB", "rc", "s", "driver peak MiB", "trial peaks MiB",
-                            "trial bound MiB (keys + idle)", "/dev/shm peak MiB"), rows))
+    print(C.markdown_table(("train rows", "features GB", "rc", "s", "driver peak MiB", "trial RSS peaks MiB",
+                            "trial USS peaks MiB", "trial bound MiB (keys + idle RSS)", "/dev/shm peak MiB"), rows))
     for k, ok in checks.items():
         print(f"{C.verdict(ok):8s} {k}")
     print(f"-> {path}")

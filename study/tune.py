@@ -34,7 +34,8 @@ _RAY_KEYS = {
     "iterations_since_restore", "time_since_restore", "experiment_id", "final", "node_id",
 }
 GRID_KEY = "trial"
-ENV_FORWARD = ("HF_HUB_OFFLINE", "LAMBDA_COMPAT_CACHE", "LAMBDA_COMPAT_DATA", "LAMBDA_COMPAT_FAULT",
+ENV_FORWARD = ("HF_HUB_OFFLINE", "LAMBDA_COMPAT_CACHE", "LAMBDA_COMPAT_NODE_CACHE", "LAMBDA_COMPAT_DATA",
+               "LAMBDA_COMPAT_FAULT",
                "MALLOC_ARENA_MAX")
 # glibc gives every thread its own malloc arena and keeps freed blocks there: a trial's workers
 # held ~250 MB of freed memory each with the default (benchmarks/bench_memory.py). With two,

@@ -274,3 +274,23 @@ def test_extraction_batches_in_order_with_and_without_prefetch(prefetch: bool) -
 
     with pytest.raises(ValueError, match="unreadable image 6"):
         list(extract_module._batches(images, bad, 0, 10, 4, prefetch=prefetch))
+
+
+def test_node_copy_is_made_once_verified_and_refreshed(pristine: tuple[Path, backbones.Features], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAMBDA_COMPAT_NODE_CACHE: readers map a verified node-local copy; a changed source is copied again,
+    and a corrupt source is never served through its copy."""
+    cache, good = pristine
+    shutil.copytree(cache, tmp_path / "shared", dirs_exist_ok=True)
+    entry = Path(good.meta["path"].replace(str(cache), str(tmp_path / "shared")))
+    monkeypatch.setenv("LAMBDA_COMPAT_NODE_CACHE", str(tmp_path / "node"))
+    first = backbones.open_features(entry)
+    local = Path(first.meta["opened"])
+    assert local.parent == tmp_path / "node" and np.array_equal(first.x, good.x)
+    mtime = (local / "x.npy").stat().st_mtime_ns
+    assert Path(backbones.open_features(entry).meta["opened"]) == local
+    assert (local / "x.npy").stat().st_mtime_ns == mtime  # not copied again
+    _flip_byte(entry)  # the shared source changes (and is corrupt now)
+    with pytest.raises(backbones._cache.Corrupt, match="node-local copy failed verification.*y.npy"):
+        backbones.open_features(entry)
+    assert not local.exists()
