@@ -22,7 +22,8 @@ the bytes in /dev/shm (the object store's memory):
 
 Trial workers memory-map their keys, and RSS counts every mapped page of the shared page
 cache (the kernel maps pages around each random row read), so a trial's RSS grows towards
-its keys' bytes while its USS (private memory) stays that of a trial on small data.
+its keys' bytes (shared, reclaimable page cache) while its anonymous memory (RssAnon: heap and
+any private copy) stays that of a trial on small data.
 """
 from __future__ import annotations
 
@@ -59,6 +60,18 @@ max_failures: 0
 """
 
 
+def rss_anon(pid: int) -> int:
+    """Resident anonymous memory of a process (heap and private copies; not memory-mapped files), bytes."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Sampler:
     """RSS of a process tree by role (driver, trial workers, extraction tasks, other) and /dev/shm use."""
 
@@ -69,7 +82,7 @@ class Sampler:
         self.root = psutil.Process(root_pid)
         self.interval = interval
         self.peak: dict[str, float] = {"driver": 0, "shm": 0, "total": 0}
-        self.workers: dict[int, dict] = {}  # pid -> {"role", "peak" (RSS), "uss" (private memory)}
+        self.workers: dict[int, dict] = {}  # pid -> {"role", "peak" (RSS), "anon" (RssAnon: heap, not mapped files)}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.shm0 = shutil.disk_usage("/dev/shm").used
@@ -101,16 +114,13 @@ class Sampler:
             if p.pid == self.root.pid:
                 self.peak["driver"] = max(self.peak["driver"], rss)
                 continue
-            w = self.workers.setdefault(p.pid, {"role": "other", "peak": 0, "uss": 0, "cmd": " ".join(cmd)[:80]})
+            w = self.workers.setdefault(p.pid, {"role": "other", "peak": 0, "anon": 0, "cmd": " ".join(cmd)[:80]})
             role = self.role(cmd)
             if role != "other" and w["role"] in ("other", "worker"):
                 w["role"] = role
             w["peak"] = max(w["peak"], rss)
             if w["role"] == "trial":
-                try:
-                    w["uss"] = max(w["uss"], p.memory_full_info().uss)
-                except (self.ps.NoSuchProcess, self.ps.AccessDenied, OSError):
-                    pass
+                w["anon"] = max(w.get("anon", 0), rss_anon(p.pid))
         self.peak["total"] = max(self.peak["total"], total)
         self.peak["shm"] = max(self.peak["shm"], shutil.disk_usage("/dev/shm").used - self.shm0)
 
@@ -163,7 +173,7 @@ def run_study(rows: int, work: Path, cache: Path, args) -> dict:
         "driver_peak_mib": s.peak["driver"] / MiB, "tree_peak_mib": s.peak["total"] / MiB,
         "shm_peak_mib": s.peak["shm"] / MiB,
         "trial_peaks_mib": [v / MiB for v in s.by_role("trial")],
-        "trial_uss_peaks_mib": [v / MiB for v in s.by_role("trial", "uss")],
+        "trial_anon_peaks_mib": [v / MiB for v in s.by_role("trial", "anon")],
         "extraction_peaks_mib": [v / MiB for v in s.by_role("extraction")],
         "progress_lines": [ln for ln in text.splitlines() if "img/s" in ln][-3:],
         "tail": text.splitlines()[-3:] if rc else [],
@@ -177,10 +187,12 @@ def idle_worker_baseline(work: Path) -> dict:
         "from study.tune import init_ray\n"
         "def idle(config):\n"
         "    import psutil, torch, numpy, study.trial  # what a trial imports\n"
-        "    time.sleep(2); m = psutil.Process().memory_full_info(); tune.report({'rss': m.rss, 'uss': m.uss})\n"
+        "    time.sleep(2); m = psutil.Process().memory_full_info()\n"
+        "    anon = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('RssAnon:')][0]\n"
+        "    tune.report({'rss': m.rss, 'uss': m.uss, 'anon': anon})\n"
         "init_ray(None, 1)\n"
         f"r = tune.Tuner(idle, run_config=tune.RunConfig(storage_path='{work / 'idle'}', verbose=0)).fit()\n"
-        "print(json.dumps({k: r[0].metrics[k] for k in ('rss', 'uss')}))\n"
+        "print(json.dumps({k: r[0].metrics[k] for k in ('rss', 'uss', 'anon')}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "RAY_ADDRESS": "local"}, cwd=work)
@@ -242,14 +254,15 @@ def main() -> int:
     try:
         idle = idle_worker_baseline(work)
         baseline = idle["rss"]
-        print(f"idle trial worker: {idle['rss']:.0f} MiB RSS, {idle['uss']:.0f} MiB USS", flush=True)
+        print(f"idle trial worker: {idle['rss']:.0f} MiB RSS, {idle['uss']:.0f} MiB USS, {idle['anon']:.0f} MiB anonymous",
+              flush=True)
         studies = []
         for rows in (args.rows // 10, args.rows):
             r = run_study(rows, work, cache, args)
             studies.append(r)
             print(f"study {rows:,} rows ({r['feature_bytes'] / 1e9:.2f} GB of features): rc {r['rc']}, "
                   f"{r['seconds']:.0f} s, driver peak {r['driver_peak_mib']:.0f} MiB, trial peaks "
-                  f"{[round(v) for v in r['trial_peaks_mib']]} MiB RSS {[round(v) for v in r['trial_uss_peaks_mib']]} MiB USS, /dev/shm peak {r['shm_peak_mib']:.0f} MiB",
+                  f"{[round(v) for v in r['trial_peaks_mib']]} MiB RSS {[round(v) for v in r['trial_anon_peaks_mib']]} MiB anonymous, /dev/shm peak {r['shm_peak_mib']:.0f} MiB",
                   flush=True)
             shutil.rmtree(cache / "features", ignore_errors=True)  # disk: one volume at a time
         ext = run_extraction(args.images, work, cache, args)
@@ -268,8 +281,8 @@ def main() -> int:
         "driver < 1.5 GB": big["driver_peak_mib"] < 1536,
         "trial <= own keys + idle baseline": all(v <= big["trial_key_bytes"] / MiB + baseline
                                                  for v in big["trial_peaks_mib"]),
-        "trial USS flat (no private copy; <= 10% or 150 MB)": max(big["trial_uss_peaks_mib"]) <= max(
-            1.1 * max(small["trial_uss_peaks_mib"]), max(small["trial_uss_peaks_mib"]) + 150),
+        "trial anonymous memory flat (no private copy; <= 10% or 150 MB)": max(big["trial_anon_peaks_mib"]) <= max(
+            1.1 * max(small["trial_anon_peaks_mib"]), max(small["trial_anon_peaks_mib"]) + 150),
         "extraction < 1 GB": ext["peak_rss_mib"] < 1024,
         "rerun embeds only the missing shards": ext["shards_embedded_on_rerun"] == ext["shards"] - ext["shards_done_when_killed"],
     }
@@ -280,11 +293,11 @@ def main() -> int:
     path = C.write_result(result, args.out)
     rows = [(f"{r['rows']:,}", f"{r['feature_bytes'] / 1e9:.2f}", r["rc"], f"{r['seconds']:.0f}",
              f"{r['driver_peak_mib']:.0f}", " / ".join(f"{v:.0f}" for v in r["trial_peaks_mib"]),
-             " / ".join(f"{v:.0f}" for v in r["trial_uss_peaks_mib"]),
+             " / ".join(f"{v:.0f}" for v in r["trial_anon_peaks_mib"]),
              f"{r['trial_key_bytes'] / MiB:.0f} + {baseline:.0f}", f"{r['shm_peak_mib']:.0f}") for r in studies]
     print(C.header_line(result["machine"]))
     print(C.markdown_table(("train rows", "features GB", "rc", "s", "driver peak MiB", "trial RSS peaks MiB",
-                            "trial USS peaks MiB", "trial bound MiB (keys + idle RSS)", "/dev/shm peak MiB"), rows))
+                            "trial anonymous peaks MiB", "trial bound MiB (keys + idle RSS)", "/dev/shm peak MiB"), rows))
     for k, ok in checks.items():
         print(f"{C.verdict(ok):8s} {k}")
     print(f"-> {path}")
