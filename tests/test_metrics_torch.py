@@ -8,6 +8,7 @@ import torch
 
 from study import _metrics_torch as T
 from study import metrics
+from study import keys as K
 from study.metrics import backfill_curve, backfill_curves, backfill_order, retrieval, retrieval_brute_force
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -158,3 +159,27 @@ def test_cuda_blocks_follow_free_memory(monkeypatch):
     assert T._block_rows(100_000, 100_000, 50, cuda, 0) * 100_000 <= T._MAX_BLOCK_SCORES
     # the CPU keeps the NumPy path's fixed budget
     assert T._block_rows(10_000, 10_000, 50, torch.device("cpu"), 2) == metrics._default_chunk(10_000, 10_000, 3)
+
+
+def test_trial_evaluation_through_the_torch_path_gives_the_same_metrics(monkeypatch):
+    """run_trial with its evaluation sent to the torch path (as on CUDA) against the NumPy path."""
+    from types import SimpleNamespace as NS
+
+    from study import trial
+
+    rng = np.random.default_rng(0)
+    y = np.arange(160) % 4
+    lat = rng.normal(size=(4, 6))[y] + rng.normal(size=(160, 6))
+    old, new = lat @ rng.normal(size=(6, 8)), lat @ rng.normal(size=(6, 12))
+    part = lambda a, s: NS(x=a[s].astype(np.float32), y=y[s])  # noqa: E731
+    zs = {"z": NS(x=rng.normal(size=(30, 12)).astype(np.float32), y=np.arange(30) % 3)}
+    data = trial.TrialData(part(old, slice(0, 80)), part(new, slice(0, 80)), part(old, slice(80, None)),
+                           part(new, slice(80, None)), zs)
+    cfg = dict(method="lambda", lam=1.0, epochs=2, batch_size=32, lr=1e-2, num_threads=1, backfill_points=5)
+    ref = trial.run_trial(cfg, data)
+    monkeypatch.setattr(trial, "_metrics_device", lambda device: torch.device("cpu"))
+    got = trial.run_trial(cfg, data)
+    keys = [k for k in ref.metrics if not k.startswith("time/")]
+    assert np.allclose([got.metrics[k] for k in keys], [ref.metrics[k] for k in keys], rtol=0, atol=1e-9,
+                       equal_nan=True)
+    assert got.curves[K.CURVE_PAPER] == pytest.approx(ref.curves[K.CURVE_PAPER], abs=1e-9)
