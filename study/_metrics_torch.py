@@ -11,13 +11,16 @@ bookkeeping; only the ranking of a block is done here, with the module's tie rul
 - one binary search of every gallery score into them gives
   ``left_k = #{j: v_j < s_k}``, and a per-row histogram of ``left`` gives
   ``#{k: s_k > v_j}`` for every positive by a suffix sum;
-- the items whose score equals some positive's are listed sparsely, keyed by
-  (row, value, gallery index) and sorted; two binary searches per positive in
-  that list count the equal-scoring items with a lower index.
+- the items whose score equals some positive's (``v[left_k] == s_k``) are
+  listed sparsely, keyed by (row, value, gallery index) and sorted; two binary
+  searches per positive in that list count the equal-scoring items with a lower
+  index.
 
-No row is sorted whole: O(N log W) per row and about 16 bytes per score of a
-block. Block rows: on CUDA from the free memory (``torch.cuda.mem_get_info``),
-on the CPU the NumPy path's fixed budget.
+No row is sorted whole: O(N log W) per row, and at most 26 bytes per score of a
+block (every item tied; ~14 on real features). Block rows: on CUDA from the
+free memory (``torch.cuda.mem_get_info``), on the CPU the NumPy path's fixed
+budget. On the CPU the NumPy path is faster (benchmarks/bench_eval_paths.py),
+so a CPU trial keeps it.
 """
 from __future__ import annotations
 
@@ -34,13 +37,14 @@ from study import metrics as M
 __all__ = ["retrieval_torch", "backfill_torch"]
 
 # Share of the free CUDA memory one block may take, and what it takes per score: the
-# score, the int32 binary search and histogram index, and (worst case: every item tied)
-# the sparse tie listing of a slice (40 bytes an entry over a quarter of the block); per
+# score, the int32 binary search and histogram index, a slice's int64 gather index, and
+# (worst case: every item tied) the sparse tie listing of a slice (40 bytes an entry over
+# a quarter of the block); per
 # row, the histogram and its suffix sums (int64, width + 1 each). The backfill path also
 # holds the old- and new-side scores. At most 2^30 scores a block (int32 indices stay in
 # range, and torch's nonzero needs fewer than 2^31 elements).
 _CUDA_MEMORY_SHARE = 0.5
-_BYTES_PER_SCORE = 24
+_BYTES_PER_SCORE = 26
 _TIE_SLICES = 4
 _MAX_BLOCK_SCORES = 1 << 30
 
@@ -82,15 +86,16 @@ def _equal_before(s: Tensor, left: Tensor, v: Tensor, pidx: Tensor) -> Tensor:
     b, n = s.shape
     w = v.shape[1]
     out = torch.empty_like(pidx)
+    group = torch.searchsorted(v, v)     # a value's group: its first sorted position
+    above_all = torch.full((b, 1), torch.inf, device=s.device)
     step = max(1, -(-b // _TIE_SLICES))
     for a in range(0, b, step):
-        sv, lo = v[a:a + step], left[a:a + step]
-        tied = torch.searchsorted(sv, s[a:a + step], right=True, out_int32=True) > lo
+        lo = left[a:a + step]
+        # v[left_k] is the lowest positive score >= s_k: item k ties with a positive iff it equals it
+        tied = torch.cat([v[a:a + step], above_all[a:a + step]], 1).gather(1, lo.long()) == s[a:a + step]
         r, k = tied.nonzero(as_tuple=True)
-        # an item equal to a positive's score sits in that value's group: the value's first sorted position
         key = ((r * w + lo[r, k]) * n + k).sort().values
-        group = torch.searchsorted(sv, sv)
-        base = (torch.arange(sv.shape[0], device=s.device)[:, None] * w + group) * n
+        base = (torch.arange(lo.shape[0], device=s.device)[:, None] * w + group[a:a + step]) * n
         out[a:a + step] = torch.searchsorted(key, base + pidx[a:a + step]) - torch.searchsorted(key, base)
     return out
 
