@@ -5,8 +5,9 @@ In one run, on the same clustered data (D = 1280, 100 classes, cosine, leave-one
   1. ``study.metrics.retrieval`` (top-1/5 + mAP), NumPy (a CPU trial's path) against
      ``device="cpu"`` (the torch path a CUDA trial takes, here on the CPU), N = 10,000:
      seconds (min over --repeat, interleaved) and the largest metric difference;
-  2. ``study.metrics.backfill_curves`` as a trial calls it (paper and random orders, 21
-     points, mAP), both paths, N = 10,000: seconds and the largest curve difference;
+  2. ``study.metrics.backfill_curves`` as a trial calls it (paper and random orders, mAP)
+     but with --points 3 (a trial has 21: 40 ranking passes instead of 4), both paths,
+     N = 10,000: seconds and the largest curve difference;
   3. the NumPy path at N = 50,000 (ImageNet val's size): retrieval, and the backfill
      orders + curves with 2 points (memory does not depend on the points); peak memory as
      tracemalloc's peak (what the call allocates) and as the process RSS peak above the
