@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -137,7 +137,7 @@ class _TorchRanking(M._Ranking):
 
 def retrieval_torch(q: np.ndarray, g: np.ndarray, same: bool, ql: np.ndarray, gl: np.ndarray,
                     ks: tuple[int, ...], *, leave_one_out: bool, distance: str, chunk_size: int | None,
-                    device: Any) -> dict[str, float]:
+                    device: str | torch.device) -> dict[str, float]:
     """``study.metrics.retrieval`` on `device`, from its checked inputs."""
     dev = torch.device(device)
     ranking = _TorchRanking(ql, gl, leave_one_out, dev)
@@ -150,7 +150,7 @@ def retrieval_torch(q: np.ndarray, g: np.ndarray, same: bool, ql: np.ndarray, gl
 
 
 def backfill_torch(bf: M._Backfill, *, chunk_size: int | None,
-                   device: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                   device: str | torch.device) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``study.metrics.backfill_curves`` on `device`, from its checked inputs."""
     dev = torch.device(device)
     n = bf.q.shape[0]

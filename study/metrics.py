@@ -77,9 +77,12 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DISTANCES",
@@ -361,7 +364,7 @@ def _positive_ranks(s: np.ndarray, pidx: np.ndarray, valid: np.ndarray) -> np.nd
 def retrieval(query, gallery, query_labels, gallery_labels, *, leave_one_out: bool,
               distance: str = "cosine", topk: Sequence[int] = (1, 5),
               chunk_size: int | None = None, num_threads: int | None = None,
-              device: Any = None) -> dict[str, float]:
+              device: str | torch.device | None = None) -> dict[str, float]:
     """Exact CMC top-k and full-ranking mAP, in percent.
 
     Args:
@@ -487,7 +490,8 @@ def backfill_order(gallery_forward, labels, *, kind: str = "paper", seed: int = 
 
 def backfill_curve(query, gallery_old_side, gallery_new_side, labels, order, *,
                    points: int = 21, distance: str = "cosine", metric: str = "top1",
-                   chunk_size: int | None = None, device: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                   chunk_size: int | None = None,
+                   device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Retrieval metric while the gallery is backfilled.
 
     For each beta in ``linspace(0, 1, points)``, the first ``floor(beta * N)``
@@ -564,7 +568,7 @@ class _Backfill:
 def backfill_curves(query, gallery_old_side, gallery_new_side, labels, orders: Mapping[str, object], *,
                     points: int = 21, distance: str = "cosine", metric: str = "top1",
                     chunk_size: int | None = None, num_threads: int | None = None,
-                    device: Any = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                    device: str | torch.device | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """:func:`backfill_curve` for several orders at once: ``(betas, {name: values})``.
 
     Every gallery of every curve is item-wise either the old or the new side, so

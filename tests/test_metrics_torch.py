@@ -130,7 +130,8 @@ def test_backfill_curves_every_point_against_brute_force(device, distance, chunk
     orders = {"paper": backfill_order(old, y, kind="paper"), "random": backfill_order(old, y, kind="random", seed=2),
               "reverse": np.arange(n)[::-1]}
     kw = dict(points=5, distance=distance, chunk_size=chunk_size)
-    curves = {m: backfill_curves(q, old, new, y, orders, metric=m, device=device, **kw) for m in ("top1", "top5", "mAP")}
+    curves = {m: backfill_curves(q, old, new, y, orders, metric=m, device=device, **kw)
+              for m in ("top1", "top5", "mAP")}
     betas = curves["mAP"][0]
     counts = np.floor(np.round(betas * n, 9)).astype(int)
     for name, order in orders.items():
