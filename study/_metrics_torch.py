@@ -38,11 +38,10 @@ __all__ = ["retrieval_torch", "backfill_torch"]
 
 # Share of the free CUDA memory one block may take, and what it takes per score: the
 # score, the int32 binary search and histogram index, a slice's int64 gather index, and
-# (worst case: every item tied) the sparse tie listing of a slice (40 bytes an entry over
-# a quarter of the block); per
-# row, the histogram and its suffix sums (int64, width + 1 each). The backfill path also
-# holds the old- and new-side scores. At most 2^30 scores a block (int32 indices stay in
-# range, and torch's nonzero needs fewer than 2^31 elements).
+# (worst case: every item tied) the sparse tie listing of a slice (40 bytes an entry
+# over a quarter of the block); per row, the histogram and its suffix sums (int64,
+# width + 1 each). The backfill path also holds the old- and new-side scores. At most
+# 2^30 scores a block (int32 indices stay in range; torch's nonzero wants < 2^31).
 _CUDA_MEMORY_SHARE = 0.5
 _BYTES_PER_SCORE = 26
 _TIE_SLICES = 4
