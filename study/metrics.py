@@ -523,7 +523,8 @@ class _Backfill:
                  points: int, distance: str, metric: str) -> None:
         self.q = _as_features(query, "query")
         self.old = _as_features(gallery_old_side, "gallery_old_side")
-        self.new = _as_features(gallery_new_side, "gallery_new_side")
+        # the queries are often the new side itself (B(h_new) both): then normalised once
+        self.new = self.q if gallery_new_side is query else _as_features(gallery_new_side, "gallery_new_side")
         n = self.q.shape[0]
         if self.old.shape != (n, self.q.shape[1]) or self.new.shape != self.old.shape:
             raise ValueError("`query`, `gallery_old_side` and `gallery_new_side` must have the same "
@@ -555,7 +556,8 @@ class _Backfill:
         takes each column from one of them (``where(mask, new, old)``)."""
         masks = self.masks if put is None else {pt: put(m) for pt, m in self.masks.items()}
         for (q0, s_old), (_, s_new) in zip(_score_blocks(self.q, self.old, False, self.distance, chunk_size, put),
-                                           _score_blocks(self.q, self.new, False, self.distance, chunk_size, put)):
+                                           _score_blocks(self.q, self.new, self.new is self.q, self.distance,
+                                                         chunk_size, put)):
             for pt, mask in masks.items():
                 yield q0, pt, where(mask, s_new, s_old)
 
