@@ -80,10 +80,11 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
-def backfill(x, side, y, device, points: int):
-    """The trial's call: both orders (the paper's from `x`), then the curves; queries `x`, gallery `x` -> `side`."""
-    orders = {kind: metrics.backfill_order(x, y, kind=kind, seed=0) for kind in ("paper", "random")}
-    return metrics.backfill_curves(x, x, side, y, orders, points=points, metric="mAP", device=device)[1]
+def backfill(old, new, y, device, points: int):
+    """The trial's call: both orders (the paper's from the old side), then the curves; the queries are
+    the new side itself (B(h_new)), the gallery turns from `old` (F(h_old)) into `new`."""
+    orders = {kind: metrics.backfill_order(old, y, kind=kind, seed=0) for kind in ("paper", "random")}
+    return metrics.backfill_curves(new, old, new, y, orders, points=points, metric="mAP", device=device)[1]
 
 
 def main(argv=None) -> int:

@@ -182,23 +182,22 @@ def _default_chunk(n_query: int, n_gallery: int, blocks: int = 1) -> int:
     return max(1, min(n_query, max(_MIN_CHUNK, _BLOCK_ELEMS // (blocks * max(1, n_gallery)))))
 
 
-def _score_blocks(query: np.ndarray, gallery: np.ndarray, same: bool, distance: str,
-                  chunk_size: int | None, put: Callable[[np.ndarray], Any] | None = None) -> Iterator:
-    """Yield ``(q0, scores)`` float32 blocks [rows, len(gallery)], shared by every path.
+def _placed(x: np.ndarray, distance: str, put: Callable[[np.ndarray], Any] | None) -> tuple[Any, Any]:
+    """:func:`_prepare`'s pair, moved by ``put`` to where the matmul runs (the torch path: tensors
+    on its device); as it is (NumPy) without ``put``."""
+    a, sq = _prepare(x, distance)
+    if put is None:
+        return a, sq
+    return put(a), None if sq is None else put(sq)
+
+
+def _blocks(query: tuple[Any, Any], gallery: tuple[Any, Any], distance: str, chunk_size: int | None) -> Iterator:
+    """Yield ``(q0, scores)`` blocks [rows, len(gallery)] of two :func:`_placed` pairs.
 
     The block of rows q0:q0+b is one float32 matmul; for "l2" it becomes
-    ``2 q.g - ||q||^2 - ||g||^2`` (higher is closer) in place. ``put`` moves the
-    prepared arrays to where the matmul runs (the torch path: tensors on its
-    device); by default the blocks are NumPy arrays.
+    ``2 q.g - ||q||^2 - ||g||^2`` (higher is closer) in place.
     """
-    q, qsq = _prepare(query, distance)
-    if same:
-        g, gsq = q, qsq
-    else:
-        g, gsq = _prepare(gallery, distance)
-    if put is not None:
-        q, qsq = put(q), (None if qsq is None else put(qsq))
-        g, gsq = (q, qsq) if same else (put(g), None if gsq is None else put(gsq))
+    (q, qsq), (g, gsq) = query, gallery
     n = q.shape[0]
     b = _default_chunk(n, g.shape[0]) if chunk_size is None else int(chunk_size)
     if b < 1:
@@ -211,6 +210,14 @@ def _score_blocks(query: np.ndarray, gallery: np.ndarray, same: bool, distance: 
             s -= qsq[q0:q0 + b, None]
             s -= gsq[None, :]
         yield q0, s
+
+
+def _score_blocks(query: np.ndarray, gallery: np.ndarray, same: bool, distance: str,
+                  chunk_size: int | None, put: Callable[[np.ndarray], Any] | None = None) -> Iterator:
+    """Yield ``(q0, scores)`` float32 blocks [rows, len(gallery)], shared by every path (NumPy
+    arrays, or tensors where ``put`` moves the inputs: see :func:`_placed`, :func:`_blocks`)."""
+    q = _placed(query, distance, put)
+    yield from _blocks(q, q if same else _placed(gallery, distance, put), distance, chunk_size)
 
 
 def _check_metric(metric: str) -> int | None:
@@ -523,7 +530,7 @@ class _Backfill:
                  points: int, distance: str, metric: str) -> None:
         self.q = _as_features(query, "query")
         self.old = _as_features(gallery_old_side, "gallery_old_side")
-        # the queries are often the new side itself (B(h_new) both): then normalised once
+        # the queries are often the new side itself (B(h_new) both): then it is one array
         self.new = self.q if gallery_new_side is query else _as_features(gallery_new_side, "gallery_new_side")
         n = self.q.shape[0]
         if self.old.shape != (n, self.q.shape[1]) or self.new.shape != self.old.shape:
@@ -555,9 +562,11 @@ class _Backfill:
         The rows are scored against the two sides once (two matmuls); a point's block
         takes each column from one of them (``where(mask, new, old)``)."""
         masks = self.masks if put is None else {pt: put(m) for pt, m in self.masks.items()}
-        for (q0, s_old), (_, s_new) in zip(_score_blocks(self.q, self.old, False, self.distance, chunk_size, put),
-                                           _score_blocks(self.q, self.new, self.new is self.q, self.distance,
-                                                         chunk_size, put)):
+        q = _placed(self.q, self.distance, put)   # each side normalised once
+        old = _placed(self.old, self.distance, put)
+        new = q if self.new is self.q else _placed(self.new, self.distance, put)
+        for (q0, s_old), (_, s_new) in zip(_blocks(q, old, self.distance, chunk_size),
+                                           _blocks(q, new, self.distance, chunk_size)):
             for pt, mask in masks.items():
                 yield q0, pt, where(mask, s_new, s_old)
 
