@@ -246,14 +246,15 @@ def _eval_data(n: int, d: int):
 
 
 def _backfill(x, y, device, points: int):
-    """The trial's backfill call: paper and random orders, mAP; queries x, gallery x turning into a second side."""
+    """The trial's backfill call: paper and random orders, mAP; the gallery turns from `x` (F(h_old))
+    into a second side, which is also the queries (B(h_new))."""
     import numpy as np
 
     from study import metrics
 
+    new = np.roll(x, 1, axis=1)
     orders = {kind: metrics.backfill_order(x, y, kind=kind, seed=0) for kind in ("paper", "random")}
-    return metrics.backfill_curves(x, x, np.roll(x, 1, axis=1), y, orders, points=points, metric="mAP",
-                                   device=device)[1]
+    return metrics.backfill_curves(new, x, new, y, orders, points=points, metric="mAP", device=device)[1]
 
 
 def _curve_diff(a: dict, b: dict) -> float:
