@@ -18,8 +18,8 @@ BLAS, torch's) round some scores differently in the last bit, which can swap nea
 on exact scores the paths agree exactly (tests/test_metrics_torch.py). The GPU timing of
 the torch path is part 3 of gpu_check.py.
 
-    python benchmarks/bench_eval_paths.py            # ~4 min on 2 cores
-    python benchmarks/bench_eval_paths.py --quick    # N = 2,000 and 10,000 for the memory part
+    python benchmarks/bench_eval_paths.py            # ~25 min on 2 cores at load 7-8 (mostly the N = 50,000 NumPy backfill)
+    python benchmarks/bench_eval_paths.py --quick    # N = 2,000; memory part at 10,000: ~1 min
 """
 from __future__ import annotations
 
