@@ -10,8 +10,11 @@
      affine for a few epochs for the per-epoch cost of each parametrisation; and exp(P)
      fwd + bwd at n = 1024 by both of study.skew_expm's methods (eigh, matrix_exp), to check
      that "auto" (matrix_exp on CUDA) picks the faster one there
-  3. evaluation (study.metrics.retrieval, exact leave-one-out top-1/5 + mAP, NumPy on the
-     host's CPUs) at N = 50,000, D = 1024, next to the N x N similarity matmul on the GPU
+  3. evaluation (exact leave-one-out top-1/5 + mAP, and the trial's backfill curves: 2
+     orders x 21 points, mAP) at N = 50,000, D = 1280: study.metrics' NumPy path on the
+     host's CPUs (retrieval) against its torch path on the GPU (retrieval and curves, with
+     peak GPU memory), next to the N x N similarity matmul alone; and both paths at
+     N = 5,000 (on the CPU: torch on the CPU at N = 2,000), with the largest differences
   4. trials/hour per GPU at 1, 2 and 4 concurrent trials per GPU: the CLI's path
      (study.cli.run_study with cached random paper-size features: make_tuner, fractional
      resources gpu 1, 0.5, 0.25, MLflow to a temp SQLite DB), 2 trials per slot; wall from
@@ -235,40 +238,108 @@ def _expm_times(n: int, device: str, cuda: bool, repeat: int = 5) -> dict[str, f
 # 3. evaluation at N = 50,000
 # ---------------------------------------------------------------------------
 
+def _eval_data(n: int, d: int):
+    import numpy as np
+
+    y = np.random.default_rng(0).integers(0, 100, n)
+    return C.clustered(n, d, y, seed=1, separation=0.25, classes=100), y
+
+
+def _backfill(x, y, device, points: int):
+    """The trial's backfill call: paper and random orders, mAP; the gallery turns from `x` (F(h_old))
+    into a second side, which is also the queries (B(h_new))."""
+    import numpy as np
+
+    from study import metrics
+
+    new = np.roll(x, 1, axis=1)
+    orders = {kind: metrics.backfill_order(x, y, kind=kind, seed=0) for kind in ("paper", "random")}
+    return metrics.backfill_curves(new, x, new, y, orders, points=points, metric="mAP", device=device)[1]
+
+
+def _curve_diff(a: dict, b: dict) -> float:
+    import numpy as np
+
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
 def part_eval(args, cuda: bool) -> dict:
+    """Exact leave-one-out evaluation at N = 50,000, D = 1280: NumPy on the host's CPUs against the torch
+    path on the GPU (retrieval and the trial's backfill curves), plus both paths at a reduced size."""
     import numpy as np
     import torch
 
+    from study import _metrics_torch
     from study.metrics import retrieval
 
-    n = args.eval_n if cuda else 5000
-    d = 1024
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 100, n)
-    x = C.clustered(n, d, y, seed=1, separation=0.25, classes=100)
+    d = 1280
+    small_n, small_points = (5000, 21) if cuda else (2000, 3)
+    out: dict = {"d": d, "cpu_threads": len(os.sched_getaffinity(0))}
+    # both paths at a reduced size: same numbers (to float noise of the two matmuls)
+    xs, ys = _eval_data(small_n, d)
+    dev = "cuda" if cuda else "cpu"
+    ref = retrieval(xs, xs, ys, ys, leave_one_out=True)
+    got = retrieval(xs, xs, ys, ys, leave_one_out=True, device=dev)   # also the warm-up of the device path
+    t = time.perf_counter()
+    ref_curves = _backfill(xs, ys, None, small_points)
+    small_numpy_s = time.perf_counter() - t
+    sync(cuda)
+    t = time.perf_counter()
+    got_curves = _backfill(xs, ys, dev, small_points)
+    sync(cuda)
+    out["small"] = {"n": small_n, "points": small_points, "device": dev,
+                    "retrieval_max_abs_diff": max(abs(ref[k] - got[k]) for k in ref),
+                    "backfill_max_abs_diff": _curve_diff(ref_curves, got_curves),
+                    "backfill_numpy_s": small_numpy_s, "backfill_torch_s": time.perf_counter() - t}
+    print(f"[eval] N={small_n}: numpy vs torch on {dev}: retrieval max diff "
+          f"{out['small']['retrieval_max_abs_diff']:.1e}, backfill ({small_points} points) max diff "
+          f"{out['small']['backfill_max_abs_diff']:.1e}", flush=True)
+    if not cuda:
+        out["gpu"] = {"skipped": "no CUDA: the torch path's GPU timing at N = 50,000 needs a GPU"}
+        print("[eval] " + out["gpu"]["skipped"], flush=True)
+        return out
+
+    n = args.eval_n
+    x, y = _eval_data(n, d)
     t = time.perf_counter()
     m = retrieval(x, x, y, y, leave_one_out=True, distance="cosine", topk=(1, 5))
-    cpu_s = time.perf_counter() - t
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out.update(n=n, metrics=m, retrieval_cpu_s=time.perf_counter() - t)
+    g = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True)).cuda()
+    sync(True)
     t = time.perf_counter()
-    for q0 in range(0, n, 4096):
-        xn[q0:q0 + 4096] @ xn.T
-    cpu_floor = time.perf_counter() - t
-    out = {"n": n, "d": d, "metrics": m, "retrieval_cpu_s": cpu_s, "cpu_matmul_floor_s": cpu_floor,
-           "cpu_threads": len(os.sched_getaffinity(0))}
-    if cuda:
-        g = torch.from_numpy(xn).cuda()
-        sync(True)
-        t = time.perf_counter()
-        for q0 in range(0, n, 8192):
-            s = g[q0:q0 + 8192] @ g.T
-            s.max(dim=1)
-        sync(True)
-        out["gpu_matmul_s"] = time.perf_counter() - t
-        del g
-        torch.cuda.empty_cache()
-    print(f"[eval] N={n}: retrieval {cpu_s:.1f} s on the CPU (matmul floor {cpu_floor:.1f} s)"
-          + (f", GPU similarity {out['gpu_matmul_s']:.2f} s" if cuda else ""), flush=True)
+    for q0 in range(0, n, 8192):
+        (g[q0:q0 + 8192] @ g.T).max(dim=1)
+    sync(True)
+    out["gpu_matmul_s"] = time.perf_counter() - t
+    del g
+    torch.cuda.empty_cache()
+    dev = torch.device("cuda")
+    width = int(np.bincount(y).max())   # the largest class: positives per query
+    out["block_rows"] = {"retrieval": _metrics_torch._block_rows(n, n, width, dev, 0),
+                         "backfill": _metrics_torch._block_rows(n, n, width, dev, 2)}
+    torch.cuda.reset_peak_memory_stats()
+    sync(True)
+    t = time.perf_counter()
+    mg = retrieval(x, x, y, y, leave_one_out=True, distance="cosine", topk=(1, 5), device="cuda")
+    sync(True)
+    out["retrieval_gpu_s"] = time.perf_counter() - t
+    out["retrieval_gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["retrieval_max_abs_diff"] = max(abs(m[k] - mg[k]) for k in m)
+    print(f"[eval] N={n}: retrieval {out['retrieval_cpu_s']:.1f} s NumPy on the CPU, {out['retrieval_gpu_s']:.2f} s "
+          f"torch on the GPU (similarity matmul alone {out['gpu_matmul_s']:.2f} s), max diff "
+          f"{out['retrieval_max_abs_diff']:.1e}", flush=True)
+    if elapsed() > args.budget_s:
+        out["backfill_gpu"] = {"skipped": "time budget spent"}
+        return out
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    _backfill(x, y, "cuda", 21)
+    sync(True)
+    out["backfill_gpu"] = {"points": 21, "orders": 2, "seconds": time.perf_counter() - t,
+                           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    print(f"[eval] N={n}: backfill curves (2 orders x 21 points, mAP) {out['backfill_gpu']['seconds']:.1f} s "
+          "on the GPU", flush=True)
+    torch.cuda.empty_cache()
     return out
 
 
@@ -445,10 +516,24 @@ def print_tables(result: dict) -> None:
         rows.append(["trial", f"exp(P) fwd+bwd, n={t['expm_n']} (study.skew_expm)",
                      ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in t["expm_fwd_bwd_s"].items())])
     e = p.get("eval", {})
+    if "small" in e:
+        s = e["small"]
+        rows.append(["eval", f"NumPy vs torch on {s['device']}, N={s['n']}, D={e['d']}",
+                     f"max diff retrieval {s['retrieval_max_abs_diff']:.1e}, backfill ({s['points']} points) "
+                     f"{s['backfill_max_abs_diff']:.1e}; backfill {s['backfill_numpy_s']:.1f} s NumPy, "
+                     f"{s['backfill_torch_s']:.1f} s torch"])
+    if "gpu" in e:
+        rows.append(["eval", "torch on the GPU, N=50,000", "skipped: " + e["gpu"]["skipped"]])
     if "n" in e:
-        rows.append(["eval", f"retrieval N={e['n']}, D={e['d']} (CPU, {e['cpu_threads']} threads)",
-                     f"{e['retrieval_cpu_s']:.1f} s (CPU matmul floor {e['cpu_matmul_floor_s']:.1f} s"
-                     + (f"; GPU similarity {e['gpu_matmul_s']:.2f} s)" if "gpu_matmul_s" in e else ")")])
+        rows.append(["eval", f"retrieval N={e['n']}, D={e['d']} (NumPy on {e['cpu_threads']} CPUs; torch on the GPU, "
+                     f"blocks of {e['block_rows']['retrieval']} rows)",
+                     f"{e['retrieval_cpu_s']:.1f} s NumPy, {e['retrieval_gpu_s']:.2f} s GPU (peak "
+                     f"{e['retrieval_gpu_peak_gib']:.1f} GiB; similarity matmul alone {e['gpu_matmul_s']:.2f} s); "
+                     f"max diff {e['retrieval_max_abs_diff']:.1e}"])
+        b = e.get("backfill_gpu", {})
+        rows.append(["eval", f"backfill curves N={e['n']}, 2 orders x 21 points, mAP (torch on the GPU)",
+                     "skipped: " + b["skipped"] if "skipped" in b else
+                     f"{b['seconds']:.1f} s (peak {b['peak_gib']:.1f} GiB)"])
     tp = p.get("throughput", {})
     for r in tp.get("rows", []):
         if "skipped" in r:

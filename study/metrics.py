@@ -1,8 +1,10 @@
 """Retrieval metrics for compatibility studies: exact CMC top-k and mAP, partial
 backfilling curves, ECC and the compatibility matrix (AC, AM).
 
-Pure NumPy (no Ray, no MLflow, no torch needed). All retrieval values are
-percentages in [0, 100].
+NumPy (no Ray, no MLflow, no torch needed). ``device=...`` on :func:`retrieval`
+and :func:`backfill_curves` runs the same computation with torch on that device
+(``study._metrics_torch``, imported only then: a trial on CUDA does this). All
+retrieval values are percentages in [0, 100].
 
 Conventions (the contract of every function here)
 -------------------------------------------------
@@ -61,15 +63,26 @@ equal-scoring items with a lower index. Row blocks are post-processed in
 threads (NumPy's sort releases the GIL). Peak extra memory is about two score
 blocks, ``2 * chunk_size * len(gallery) * 4`` bytes, plus the normalised
 copies of the inputs.
+
+The torch path shares everything here but the ranking of a block: the same
+normalised inputs, the same blocks (the matmul runs on the device), the same
+positive tables and AP bookkeeping; it counts ranks by binary searches into each
+row's positives (see ``study._metrics_torch``), with the same tie rule, so both
+paths give the same numbers on the same scores (exactly when the scores are exact,
+e.g. small-integer features; otherwise up to the last-bit rounding of the two
+matmuls).
 """
 from __future__ import annotations
 
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DISTANCES",
@@ -169,18 +182,22 @@ def _default_chunk(n_query: int, n_gallery: int, blocks: int = 1) -> int:
     return max(1, min(n_query, max(_MIN_CHUNK, _BLOCK_ELEMS // (blocks * max(1, n_gallery)))))
 
 
-def _score_blocks(query: np.ndarray, gallery: np.ndarray, same: bool, distance: str,
-                  chunk_size: int | None):
-    """Yield ``(q0, scores)`` float32 blocks [rows, len(gallery)], shared by every path.
+def _placed(x: np.ndarray, distance: str, put: Callable[[np.ndarray], Any] | None) -> tuple[Any, Any]:
+    """:func:`_prepare`'s pair, moved by ``put`` to where the matmul runs (the torch path: tensors
+    on its device); as it is (NumPy) without ``put``."""
+    a, sq = _prepare(x, distance)
+    if put is None:
+        return a, sq
+    return put(a), None if sq is None else put(sq)
+
+
+def _blocks(query: tuple[Any, Any], gallery: tuple[Any, Any], distance: str, chunk_size: int | None) -> Iterator:
+    """Yield ``(q0, scores)`` blocks [rows, len(gallery)] of two :func:`_placed` pairs.
 
     The block of rows q0:q0+b is one float32 matmul; for "l2" it becomes
     ``2 q.g - ||q||^2 - ||g||^2`` (higher is closer) in place.
     """
-    q, qsq = _prepare(query, distance)
-    if same:
-        g, gsq = q, qsq
-    else:
-        g, gsq = _prepare(gallery, distance)
+    (q, qsq), (g, gsq) = query, gallery
     n = q.shape[0]
     b = _default_chunk(n, g.shape[0]) if chunk_size is None else int(chunk_size)
     if b < 1:
@@ -193,6 +210,14 @@ def _score_blocks(query: np.ndarray, gallery: np.ndarray, same: bool, distance: 
             s -= qsq[q0:q0 + b, None]
             s -= gsq[None, :]
         yield q0, s
+
+
+def _score_blocks(query: np.ndarray, gallery: np.ndarray, same: bool, distance: str,
+                  chunk_size: int | None, put: Callable[[np.ndarray], Any] | None = None) -> Iterator:
+    """Yield ``(q0, scores)`` float32 blocks [rows, len(gallery)], shared by every path (NumPy
+    arrays, or tensors where ``put`` moves the inputs: see :func:`_placed`, :func:`_blocks`)."""
+    q = _placed(query, distance, put)
+    yield from _blocks(q, q if same else _placed(gallery, distance, put), distance, chunk_size)
 
 
 def _check_metric(metric: str) -> int | None:
@@ -345,7 +370,8 @@ def _positive_ranks(s: np.ndarray, pidx: np.ndarray, valid: np.ndarray) -> np.nd
 
 def retrieval(query, gallery, query_labels, gallery_labels, *, leave_one_out: bool,
               distance: str = "cosine", topk: Sequence[int] = (1, 5),
-              chunk_size: int | None = None, num_threads: int | None = None) -> dict[str, float]:
+              chunk_size: int | None = None, num_threads: int | None = None,
+              device: str | torch.device | None = None) -> dict[str, float]:
     """Exact CMC top-k and full-ranking mAP, in percent.
 
     Args:
@@ -365,7 +391,11 @@ def retrieval(query, gallery, query_labels, gallery_labels, *, leave_one_out: bo
             ``chunk_size`` sees bit-identical scores.
         num_threads: threads for the per-block ranking (default: usable CPUs,
             capped by ``OMP_NUM_THREADS`` when set, and by 8). Results do not
-            depend on it.
+            depend on it. NumPy path only.
+        device: None (default): NumPy on the host. A torch device ("cuda",
+            "cuda:1", "cpu", a ``torch.device``): the torch path on it, with
+            the same conventions; its default ``chunk_size`` fits the free
+            memory on CUDA (``study._metrics_torch``).
 
     Returns:
         ``{"top1": ..., "top5": ..., "mAP": ...}`` (one ``top{k}`` per k), floats
@@ -375,6 +405,10 @@ def retrieval(query, gallery, query_labels, gallery_labels, *, leave_one_out: bo
     """
     q, g, same, ql, gl, ks = _validate(query, gallery, query_labels, gallery_labels,
                                        leave_one_out, distance, topk)
+    if device is not None:
+        from study._metrics_torch import retrieval_torch
+        return retrieval_torch(q, g, same, ql, gl, ks, leave_one_out=leave_one_out, distance=distance,
+                               chunk_size=chunk_size, device=device)
     acc = _Ranking(ql, gl, leave_one_out)
     threads = _default_threads() if num_threads is None else max(1, int(num_threads))
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -394,19 +428,26 @@ class _Ranking:
         self.ap = np.zeros(n, dtype=np.float64)
         self.npos = np.zeros(n, dtype=np.int64)
 
-    def _rows(self, q0: int, block: np.ndarray, a: int, b: int) -> None:
-        rows = np.arange(q0 + a, q0 + b)
+    def _positives(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(gallery index [b, width], valid [b, width]) of the positives of query rows `rows`."""
         pidx, valid = self.pos.for_queries(self.ql[rows])
         if self.leave_one_out:
             valid = valid & (pidx != rows[:, None])
-        npos = valid.sum(axis=1)
-        ranks = _positive_ranks(block[a:b], pidx, valid)
+        return pidx, valid
+
+    def _record(self, rows: np.ndarray, ranks: np.ndarray, npos: np.ndarray) -> None:
+        """Store first rank and AP of query rows `rows` from their positives' sorted ranks."""
         k = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)
         prec = np.where(k[None, :] <= npos[:, None], k[None, :] / ranks, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.ap[rows] = prec.sum(axis=1) / npos
         self.first[rows] = ranks[:, 0]
         self.npos[rows] = npos
+
+    def _rows(self, q0: int, block: np.ndarray, a: int, b: int) -> None:
+        rows = np.arange(q0 + a, q0 + b)
+        pidx, valid = self._positives(rows)
+        self._record(rows, _positive_ranks(block[a:b], pidx, valid), valid.sum(axis=1))
 
     def add_block(self, pool: ThreadPoolExecutor, threads: int, q0: int, block: np.ndarray) -> None:
         """Rank the score rows q0:q0+len(block) (modifies `block`: leave-one-out items -> -inf)."""
@@ -436,23 +477,28 @@ def backfill_order(gallery_forward, labels, *, kind: str = "paper", seed: int = 
     label) first; equal distances keep the lower index first.
     ``kind="random"``: ``np.random.default_rng(seed).permutation(N)`` (FCT's order).
     """
-    x = _as_features(gallery_forward, "gallery_forward").astype(np.float64)
+    x = _as_features(gallery_forward, "gallery_forward")
     y = _as_labels(labels, x.shape[0], "labels")
     if kind == "random":
         return np.random.default_rng(seed).permutation(x.shape[0])
     if kind != "paper":
         raise ValueError(f"`kind` must be one of {BACKFILL_ORDERS}, got {kind!r}")
     classes, inverse = np.unique(y, return_inverse=True)
+    # float64, row blocks of the block budget (the same sums in the same order as all rows at once)
+    step = _default_chunk(x.shape[0], 2 * x.shape[1])
+    blocks = [slice(a, a + step) for a in range(0, x.shape[0], step)]
     sums = np.zeros((classes.size, x.shape[1]))
-    np.add.at(sums, inverse, x)
+    for s in blocks:
+        np.add.at(sums, inverse[s], x[s].astype(np.float64))
     means = sums / np.bincount(inverse, minlength=classes.size)[:, None]
-    dist = np.linalg.norm(x - means[inverse], axis=1)
+    dist = np.concatenate([np.linalg.norm(x[s].astype(np.float64) - means[inverse[s]], axis=1) for s in blocks])
     return np.argsort(-dist, kind="stable")
 
 
 def backfill_curve(query, gallery_old_side, gallery_new_side, labels, order, *,
                    points: int = 21, distance: str = "cosine", metric: str = "top1",
-                   chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   chunk_size: int | None = None,
+                   device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Retrieval metric while the gallery is backfilled.
 
     For each beta in ``linspace(0, 1, points)``, the first ``floor(beta * N)``
@@ -463,17 +509,77 @@ def backfill_curve(query, gallery_old_side, gallery_new_side, labels, order, *,
     that beta = 0.35 with N = 100 replaces 35 items, not 34.
 
     Returns ``(betas, values)``, values in percent for ``metric`` in
-    ``"top1"``, ``"top<k>"``, ``"mAP"``. One curve of :func:`backfill_curves`.
+    ``"top1"``, ``"top<k>"``, ``"mAP"``. One curve of :func:`backfill_curves`
+    (``device`` as there).
     """
     betas, values = backfill_curves(query, gallery_old_side, gallery_new_side, labels, {"order": order},
-                                    points=points, distance=distance, metric=metric, chunk_size=chunk_size)
+                                    points=points, distance=distance, metric=metric, chunk_size=chunk_size,
+                                    device=device)
     return betas, values["order"]
+
+
+class _Backfill:
+    """Checked inputs of :func:`backfill_curves` and its distinct curve points (shared by both paths).
+
+    A point is ``(order name, items replaced)``; the all-old and all-new galleries are
+    one point shared by every order (name ""). ``masks[point]`` says which gallery items
+    take the new side.
+    """
+
+    def __init__(self, query, gallery_old_side, gallery_new_side, labels, orders: Mapping[str, object],
+                 points: int, distance: str, metric: str) -> None:
+        self.q = _as_features(query, "query")
+        self.old = _as_features(gallery_old_side, "gallery_old_side")
+        # the queries are often the new side itself (B(h_new) both): then it is one array
+        self.new = self.q if gallery_new_side is query else _as_features(gallery_new_side, "gallery_new_side")
+        n = self.q.shape[0]
+        if self.old.shape != (n, self.q.shape[1]) or self.new.shape != self.old.shape:
+            raise ValueError("`query`, `gallery_old_side` and `gallery_new_side` must have the same "
+                             f"shape, got {self.q.shape}, {self.old.shape}, {self.new.shape}")
+        self.y = _as_labels(labels, n, "labels")
+        position: dict[str, np.ndarray] = {}   # name -> where each item sits in that order
+        for name, order in orders.items():
+            order = np.asarray(order)
+            if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+                raise ValueError(f"`order` must be a permutation of 0..{n - 1}")
+            position[name] = np.empty(n, dtype=np.int64)
+            position[name][order] = np.arange(n)
+        if int(points) < 2:
+            raise ValueError(f"`points` must be >= 2, got {points!r}")
+        k = _check_metric(metric)
+        self.metric, self.ks = metric, ((1,) if k is None else (k,))
+        self.distance = _check_distance(distance)
+        self.betas = np.linspace(0.0, 1.0, int(points))
+        counts = np.floor(np.round(self.betas * n, 9)).astype(np.int64)
+        self.curves = {name: [("", int(c)) if c in (0, n) else (name, int(c)) for c in counts]
+                       for name in position}
+        self.masks = {pt: position[pt[0]] < pt[1] if pt[0] else np.full(n, pt[1] == n)
+                      for pts in self.curves.values() for pt in pts}
+
+    def blocks(self, chunk_size: int, where: Callable, put: Callable[[np.ndarray], Any] | None = None) -> Iterator:
+        """Yield ``(q0, point, scores)``: each block of query rows against each point's gallery.
+
+        The rows are scored against the two sides once (two matmuls); a point's block
+        takes each column from one of them (``where(mask, new, old)``)."""
+        masks = self.masks if put is None else {pt: put(m) for pt, m in self.masks.items()}
+        q = _placed(self.q, self.distance, put)   # each side normalised once
+        old = _placed(self.old, self.distance, put)
+        new = q if self.new is self.q else _placed(self.new, self.distance, put)
+        for (q0, s_old), (_, s_new) in zip(_blocks(q, old, self.distance, chunk_size),
+                                           _blocks(q, new, self.distance, chunk_size)):
+            for pt, mask in masks.items():
+                yield q0, pt, where(mask, s_new, s_old)
+
+    def result(self, rankings: Mapping[tuple[str, int], "_Ranking"]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(betas, {name: values})`` from each point's filled ranking."""
+        value = {pt: r.summary(self.ks)[self.metric] for pt, r in rankings.items()}
+        return self.betas, {name: np.array([value[pt] for pt in pts]) for name, pts in self.curves.items()}
 
 
 def backfill_curves(query, gallery_old_side, gallery_new_side, labels, orders: Mapping[str, object], *,
                     points: int = 21, distance: str = "cosine", metric: str = "top1",
-                    chunk_size: int | None = None,
-                    num_threads: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                    chunk_size: int | None = None, num_threads: int | None = None,
+                    device: str | torch.device | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """:func:`backfill_curve` for several orders at once: ``(betas, {name: values})``.
 
     Every gallery of every curve is item-wise either the old or the new side, so
@@ -481,49 +587,21 @@ def backfill_curves(query, gallery_old_side, gallery_new_side, labels, orders: M
     and each curve point only selects its columns, instead of one matmul per
     point and order. The scores are those of :func:`retrieval` on the mixed
     gallery: the same float32 dot products of the same normalised rows.
+    ``num_threads`` and ``device`` as in :func:`retrieval`.
     """
-    q = _as_features(query, "query")
-    old = _as_features(gallery_old_side, "gallery_old_side")
-    new = _as_features(gallery_new_side, "gallery_new_side")
-    n = q.shape[0]
-    if old.shape != (n, q.shape[1]) or new.shape != old.shape:
-        raise ValueError("`query`, `gallery_old_side` and `gallery_new_side` must have the same "
-                         f"shape, got {q.shape}, {old.shape}, {new.shape}")
-    y = _as_labels(labels, n, "labels")
-    position: dict[str, np.ndarray] = {}   # name -> where each item sits in that order
-    for name, order in orders.items():
-        order = np.asarray(order)
-        if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
-            raise ValueError(f"`order` must be a permutation of 0..{n - 1}")
-        position[name] = np.empty(n, dtype=np.int64)
-        position[name][order] = np.arange(n)
-    if int(points) < 2:
-        raise ValueError(f"`points` must be >= 2, got {points!r}")
-    k = _check_metric(metric)
-    ks = (1,) if k is None else (k,)
-    _check_distance(distance)
-    betas = np.linspace(0.0, 1.0, int(points))
-    counts = np.floor(np.round(betas * n, 9)).astype(np.int64)
-
-    def curve_key(name: str, c: int) -> tuple[str, int]:
-        return ("", int(c)) if c in (0, n) else (name, int(c))   # all-old and all-new are shared
-
-    ranking = {curve_key(name, c): _Ranking(y, y, True) for name in position for c in counts}
+    bf = _Backfill(query, gallery_old_side, gallery_new_side, labels, orders, points, distance, metric)
+    if device is not None:
+        from study._metrics_torch import backfill_torch
+        return backfill_torch(bf, chunk_size=chunk_size, device=device)
+    n = bf.q.shape[0]
+    rankings = {pt: _Ranking(bf.y, bf.y, True) for pt in bf.masks}
     if chunk_size is None:  # old-side, new-side and mixed scores held at once: a third of the budget each
         chunk_size = _default_chunk(n, n, blocks=3)
     threads = _default_threads() if num_threads is None else max(1, int(num_threads))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for (q0, s_old), (_, s_new) in zip(_score_blocks(q, old, False, distance, chunk_size),
-                                           _score_blocks(q, new, False, distance, chunk_size)):
-            done = set()
-            for name, pos in position.items():
-                for c in counts:
-                    key = curve_key(name, c)
-                    if key not in done:
-                        done.add(key)
-                        ranking[key].add_block(pool, threads, q0, np.where(pos < c, s_new, s_old))
-    return betas, {name: np.array([ranking[curve_key(name, c)].summary(ks)[metric] for c in counts])
-                   for name in position}
+        for q0, pt, block in bf.blocks(chunk_size, np.where):
+            rankings[pt].add_block(pool, threads, q0, block)
+    return bf.result(rankings)
 
 
 def curve_area(betas, values) -> float:

@@ -16,6 +16,8 @@ Protocol (see `study.keys` for every key):
 2. On the evaluation split every row old/old ... B/B is scored leave-one-out
    (queries = gallery = the split's images; a query never retrieves its own
    image). New-side vectors meet old features truncated to min(d, n) dims.
+   On a CUDA trial this and steps 4-5 run on its device (`study.metrics`' torch
+   path: same scores, tie rule and numbers), on a CPU trial in NumPy.
 3. ECC (strict >) and its margin for new/old and B/old against old/old;
    gain/B/B; orth/B = ||W^T W - I||_F of the trained B.
 4. Zero-shot retention on each `zero_shot` set (new-model features only):
@@ -220,6 +222,12 @@ def _np(x: Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy()
 
 
+def _metrics_device(device: torch.device) -> torch.device | None:
+    """The `device` of `study.metrics`: a CUDA trial's evaluation runs there (the torch path),
+    a CPU trial's in NumPy (faster on a CPU: benchmarks/results/eval_paths.json)."""
+    return device if device.type == "cuda" else None
+
+
 class _Evaluator:
     """Retrieval rows on the evaluation split for the current B and F."""
 
@@ -229,11 +237,12 @@ class _Evaluator:
         self.y = y.cpu().numpy()
         self.d, self.n = old.shape[1], new.shape[1]
         self.old_np, self.new_np = _np(old), _np(new)
+        self.device = _metrics_device(old.device)
 
     def _score(self, query: np.ndarray, gallery: np.ndarray, topk=None) -> dict[str, float]:
         return metrics.retrieval(
             query, gallery, self.y, self.y, leave_one_out=True,
-            distance=self.cfg.distance, topk=topk or self.cfg.topk,
+            distance=self.cfg.distance, topk=topk or self.cfg.topk, device=self.device,
         )
 
     def sides(self, B: _Frozen | None, F: _Frozen | None) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -273,11 +282,12 @@ def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None
                shift: Tensor | None, normalize: bool) -> dict[str, float]:
     out: dict[str, float] = {}
     deltas = []
+    on = _metrics_device(device)
     for name, feats in zero_shot.items():
         z, y = _tensor(feats, normalize, device, shift)
         yn = y.cpu().numpy()
         new_top1 = float(metrics.retrieval(_np(z), _np(z), yn, yn, leave_one_out=True,
-                                           distance=cfg.distance, topk=(1,))["top1"])
+                                           distance=cfg.distance, topk=(1,), device=on)["top1"])
         if B is None:
             b_top1 = NAN
         elif B.identity:
@@ -285,7 +295,7 @@ def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None
         else:
             bz = _np(B(z))
             b_top1 = float(metrics.retrieval(bz, bz, yn, yn, leave_one_out=True,
-                                             distance=cfg.distance, topk=(1,))["top1"])
+                                             distance=cfg.distance, topk=(1,), device=on)["top1"])
         out[f"zs/{name}"] = b_top1 - new_top1
         out[f"zs/{name}/new_top1"] = new_top1
         out[f"zs/{name}/B_top1"] = b_top1
@@ -300,12 +310,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _backfill(cfg: TrialConfig, y: np.ndarray, query: np.ndarray, old_side: np.ndarray,
-              new_side: np.ndarray) -> tuple[dict[str, float], dict[str, list[float]]]:
+              new_side: np.ndarray, device: torch.device | None) -> tuple[dict[str, float], dict[str, list[float]]]:
     # the paper's order in the retrieval geometry: with cosine, distances between unit vectors
     ordering_side = _unit(old_side) if cfg.distance == "cosine" else old_side
     orders = {kind: metrics.backfill_order(ordering_side, y, kind=kind, seed=cfg.seed) for kind in ("paper", "random")}
     betas, values = metrics.backfill_curves(query, old_side, new_side, y, orders, points=cfg.backfill_points,
-                                            distance=cfg.distance, metric=cfg.backfill_metric)
+                                            distance=cfg.distance, metric=cfg.backfill_metric, device=device)
     curves: dict[str, list[float]] = {K.CURVE_BETA: [float(b) for b in betas]}
     out: dict[str, float] = {}
     for kind, key, curve_key in (("paper", K.BACKFILL_AUC_PAPER, K.CURVE_PAPER),
@@ -408,10 +418,10 @@ def run_trial(
 
     y_np = evaluator.y
     if b_new is not None and f_old is not None:
-        bf, bf_curves = _backfill(cfg, y_np, b_new, f_old, b_new)
+        bf, bf_curves = _backfill(cfg, y_np, b_new, f_old, b_new, evaluator.device)
     else:  # no adapters: the (truncated) old gallery turns into the new one
         new_t, old_t = truncate_pair(evaluator.new_np, evaluator.old_np)
-        bf, bf_curves = _backfill(cfg, y_np, new_t, old_t, new_t)
+        bf, bf_curves = _backfill(cfg, y_np, new_t, old_t, new_t, evaluator.device)
     out.update(bf)
     curves.update(bf_curves)
 
