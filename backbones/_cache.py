@@ -263,9 +263,9 @@ class CacheEntry:
             try:
                 same = json.loads(layout.read_text()) == spec
                 for a in ARRAYS:
-                    _, shape, dt = _npy_offset(self.file(a))
-                    same = same and (shape, dt) == want[a]
-                    same = same and self.file(a).stat().st_size >= _npy_offset(self.file(a))[0]
+                    offset, shape, dt = _npy_offset(self.file(a))
+                    size = offset + int(np.prod(want[a][0])) * want[a][1].itemsize
+                    same = same and (shape, dt) == want[a] and self.file(a).stat().st_size == size
             except (FileNotFoundError, ValueError):
                 same = False
             if not same:

@@ -133,7 +133,8 @@ def _served(entry: CacheEntry) -> Handle | None:
     try:
         got = entry.open()
     except Corrupt as bad:
-        warnings.warn(f"feature cache: {bad}; re-extracting", CacheWarning, stacklevel=4)
+        then = "re-extracting" if bad.whole or bad.bad else "resuming from its verified shards"
+        warnings.warn(f"feature cache: {bad}; {then}", CacheWarning, stacklevel=4)
         entry.discard(bad)
         return None
     if got is None:

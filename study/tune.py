@@ -164,7 +164,7 @@ def feature_phase(spec: StudySpec, log: Callable[[str], None] = print) -> tuple[
         if ref in shard_tasks:
             key, shard = shard_tasks.pop(ref)
             rows = ray.get(ref)
-            counts["shards_extracted"] += rows > 0
+            counts["shards_extracted"] += int(rows > 0)
             progress[key].add(rows, shard.stop - shard.start)
             left[key] -= 1
             if left[key] == 0:
