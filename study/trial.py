@@ -260,11 +260,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
-def _backfill(cfg: TrialConfig, y: np.ndarray, query: np.ndarray, old_side: np.ndarray,
-              new_side: np.ndarray) -> tuple[dict[str, float], dict[str, list[float]]]:
+def _orders(cfg: TrialConfig, y: np.ndarray, old_side: np.ndarray) -> dict[str, np.ndarray]:
     # the paper's order in the retrieval geometry: with cosine, distances between unit vectors
     ordering_side = _unit(old_side) if cfg.distance == "cosine" else old_side
-    orders = {kind: metrics.backfill_order(ordering_side, y, kind=kind, seed=cfg.seed) for kind in ("paper", "random")}
+    return {kind: metrics.backfill_order(ordering_side, y, kind=kind, seed=cfg.seed) for kind in ("paper", "random")}
+
+
+def _backfill(cfg: TrialConfig, y: np.ndarray, query: np.ndarray, old_side: np.ndarray,
+              new_side: np.ndarray) -> tuple[dict[str, float], dict[str, list[float]]]:
+    orders = _orders(cfg, y, old_side)
     betas, values = metrics.backfill_curves(query, old_side, new_side, y, orders, points=cfg.backfill_points,
                                             distance=cfg.distance, metric=cfg.backfill_metric)
     curves: dict[str, list[float]] = {K.CURVE_BETA: [float(b) for b in betas]}
@@ -372,12 +376,24 @@ def run_trial(
 
     y_np = evaluator.y
     if b_new is not None and f_old is not None:
-        bf, bf_curves = _backfill(cfg, y_np, b_new, f_old, b_new)
+        bf_sides = (b_new, f_old, b_new)
     else:  # no adapters: the (truncated) old gallery turns into the new one
         new_t, old_t = truncate_pair(evaluator.new_np, evaluator.old_np)
-        bf, bf_curves = _backfill(cfg, y_np, new_t, old_t, new_t)
+        bf_sides = (new_t, old_t, new_t)
+    bf, bf_curves = _backfill(cfg, y_np, *bf_sides)
     out.update(bf)
     curves.update(bf_curves)
+    if cfg.index:
+        from study import index_eval
+        old_tr_np = _np(old_tr)
+        start_train = _np(F_eval(old_tr)) if f_old is not None else old_tr_np[:, :bf_sides[1].shape[1]]
+        backfill = index_eval.Backfill(*bf_sides, start_train=start_train,
+                                       order=_orders(cfg, y_np, bf_sides[1])["paper"], points=cfg.backfill_points)
+        ix, ix_curves = index_eval.evaluate(cfg.index, y=y_np, old_train=old_tr_np, old=evaluator.old_np, b_new=b_new,
+                                            f_old=f_old, backfill=backfill, topk=cfg.topk, distance=cfg.distance,
+                                            num_threads=cfg.num_threads)
+        out.update(ix)
+        curves.update(ix_curves)
 
     last = history[-1] if history else {}
     for k in K.LOSS_KEYS:
@@ -387,7 +403,7 @@ def run_trial(
     out["time/eval_s"] = time.perf_counter() - t1
 
     return TrialResult(
-        metrics={k: float(out[k]) for k in K.final_keys(data.zero_shot, cfg.topk)},
+        metrics={k: float(out[k]) for k in (*K.final_keys(data.zero_shot, cfg.topk), *K.index_keys(cfg.index, cfg.topk))},
         state=export_state(B, F),
         curves=curves,
         config=cfg.to_dict(),
