@@ -79,6 +79,14 @@ BAD = [
     ("scheduler-unknown", _with(scheduler={"kind": "pbt"}), ["scheduler.kind", "none, asha"]),
     ("optuna-needs-lambda", _with(search={"kind": "optuna"}), ["methods", "lambda"]),
     ("pair-missing-new", _with(pairs=[{"old": "mnist_old"}]), ["pairs[0].new", "required"]),
+    ("index-unknown-factory", _with(index=[{"factory": "IVF8,Flatt"}]), ["index[0].factory", "cannot build", "allowed"]),
+    ("index-pq-not-dividing-dim", _with(index=[{"factory": "IVF8,PQ7"}]), ["index[0].factory", "divide the dim 128", "allowed"]),
+    ("index-more-lists-than-points", _with(index=[{"factory": "IVF5000,Flat"}]), ["index[0].factory", "4000 points", "allowed"]),
+    ("index-unknown-search-param", _with(index=[{"factory": "IVF8,Flat", "nprob": 2}]), ["index[0].nprob", "did you mean `nprobe`", "allowed"]),
+    ("index-param-of-another-kind", _with(index=[{"factory": "HNSW32", "nprobe": 2}]), ["index[0].nprobe", "allowed for it: efSearch"]),
+    ("index-nprobe-over-nlist", _with(index=[{"factory": "IVF8,Flat", "nprobe": 9}]), ["index[0].nprobe", "<= the 8 IVF lists"]),
+    ("index-name-twice", _with(index=[{"factory": "Flat"}, {"factory": "HNSW32", "name": "Flat"}]), ["index[1].name", "its own"]),
+    ("index-in-train", _with(train={"index": []}), ["train.index", "top-level `index:`"]),
     ("train-equals-eval", _with(datasets=[{"name": "mnist", "train": "test", "eval": "test"}]), ["datasets[0].eval", "differ"]),
 ]
 
