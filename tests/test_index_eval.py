@@ -177,3 +177,27 @@ def test_run_trial_index_rows_match_the_exact_rows_for_flat() -> None:
         if method == "lambda":   # the backfill starts as the F index queried by B(h_new): the B/F row
             assert flat_curve[0] == pytest.approx(m["B/F/top1"])
             assert res.curves[K.index_key("hnsw", K.CURVE_PAPER)][0] == pytest.approx(m[K.index_key("hnsw", "B/F", "top1")])
+
+
+def test_report_index_drop_is_exact_minus_index_mean_over_seeds(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from study.report import index_markdown, plot_index_drop, summarize_index
+
+    def run(method: str, lam: str, seed: int, exact: float, in_index: float) -> SimpleNamespace:
+        m = {"old/old/top1": 80.0, "B/old/top1": exact, "B/F/top1": 70.0,
+             K.index_key("IVF4_PQ8", "old/old", "top1"): 78.0, K.index_key("IVF4_PQ8", "B/old", "top1"): in_index,
+             K.index_key("IVF4_PQ8", "B/F", "top1"): 70.0, K.index_key("IVF4_PQ8", "B/old", "recall@10"): 50.0 + seed,
+             K.index_key("IVF4_PQ8", "old/old", "recall@10"): 60.0}
+        tags = {"pair": "a->b", "dataset": "mnist", "method": method, "lambda": lam, "seed": str(seed)}
+        return SimpleNamespace(info=SimpleNamespace(status="FINISHED"), data=SimpleNamespace(metrics=m, tags=tags))
+
+    runs = [run("affine", "", 0, 75.0, 70.0), run("affine", "", 1, 77.0, 70.0), run("lambda", "12", 0, 74.0, 73.0)]
+    rows = summarize_index(runs)
+    assert [(r["method"], r["index"], r["n"]) for r in rows] == [("lambda", "IVF4_PQ8", 1), ("affine", "IVF4_PQ8", 2)]
+    affine = rows[1]
+    assert affine["B/old drop"] == (6.0, 1.0) and affine["old/old drop"] == (2.0, 0.0)
+    assert affine["B/F drop"] == (0.0, 0.0) and affine["B/old recall"] == (50.5, 0.5)
+    assert math.isnan(affine["backfill"][0])
+    assert "| a->b | mnist | affine | - | IVF4_PQ8 | 2.00 ± 0.00 | 6.00 ± 1.00 |" in index_markdown(rows)
+    assert plot_index_drop(rows, tmp_path / "drop.png") and (tmp_path / "drop.png").stat().st_size > 0
