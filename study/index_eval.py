@@ -46,6 +46,7 @@ Protocol (every index kind of `TrialConfig.index`, one `IndexSpec` each):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import re
 import time
@@ -80,10 +81,14 @@ class IndexSpec:
     """One index kind to evaluate: a `faiss.index_factory` string and its search parameters."""
 
     factory: str  # e.g. "Flat", "IVF64,Flat", "IVF64,PQ16", "HNSW32"
-    name: str = ""  # key fragment of `index/<name>/...`; default: the factory string with ',' -> '_'
+    name: str = ""  # key fragment of `index/<name>/...`; "" (default): the factory string with ',' -> '_'
     nprobe: int | None = None  # IVF lists visited per query (IVF kinds only; faiss's default 1 when unset)
     efSearch: int | None = None  # HNSW search depth (HNSW kinds only; faiss's default 16 when unset)
     recall_k: int = 10  # k of `recall@k` against exact search
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.factory.replace(",", "_"))
 
     @classmethod
     def from_dict(cls, entry: Any) -> "IndexSpec":
@@ -103,12 +108,13 @@ class IndexSpec:
         if not isinstance(factory, str) or not factory.strip():
             raise IndexSpecError("factory", f"required: a faiss.index_factory string (e.g. {_EXAMPLES}), "
                                             f"got {factory!r}")
-        name = entry.get("name", factory.replace(",", "_"))
+        spec = cls(factory=factory.strip(), name=entry.get("name", ""))
+        name = spec.name
         if not isinstance(name, str) or not _NAME_RE.match(name) or name == K.INDEX_EXACT:
             raise IndexSpecError("name", f"`{name}` is not allowed: use 1-64 of [A-Za-z0-9_.-], not "
                                          f"`{K.INDEX_EXACT}` (give `name` when the factory string has other "
                                          "characters)")
-        ints: dict[str, int | None] = {}
+        ints: dict[str, int] = {}
         for key in (*SEARCH_PARAMS, "recall_k"):
             value = entry.get(key)
             if value is None:
@@ -116,7 +122,7 @@ class IndexSpec:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise IndexSpecError(key, f"must be an integer >= 1, got {value!r}")
             ints[key] = value
-        return cls(factory=factory.strip(), name=name, **ints)
+        return dataclasses.replace(spec, **ints)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in (("factory", self.factory), ("name", self.name), ("nprobe", self.nprobe),
@@ -376,7 +382,12 @@ def evaluate(specs: Sequence[IndexSpec], *, y: np.ndarray, old_train: np.ndarray
              backfill: Backfill, topk: Sequence[int] = K.DEFAULT_TOPK, distance: str = "cosine",
              num_threads: int | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Every `index/...` key of `study.keys.index_keys(specs, topk)` and the `index/.../backfill/paper`
-    curves (M = top-1 at each beta of `backfill.points`). Rows without their sides (no B or no F) are NaN."""
+    curves (M = top-1 at each beta of `backfill.points`).
+
+    All arrays are the evaluation split's preprocessed features in one order (labels `y`), except
+    `old_train`. The F index is the backfill's start: trained on `backfill.start_train`, filled with
+    `backfill.start` (F(h_old) whenever `f_old` is given). Rows without their sides (no B or no F) are NaN.
+    """
     t0 = time.perf_counter()
     out: dict[str, float] = {}
     curves: dict[str, list[float]] = {}
