@@ -410,7 +410,7 @@ def evaluate(specs: Sequence[IndexSpec], *, y: np.ndarray, old_train: np.ndarray
                 ref = exact_topk(query, gallery, spec.recall_k, leave_one_out=True, distance=distance)
                 for k in topk:
                     out[K.index_key(spec.name, row, f"top{k}")] = res[f"top{k}"]
-                out[K.index_key(spec.name, row, f"recall@{spec.recall_k}")] = recall_at_k(ids, ref, spec.recall_k)
+                out[K.index_key(spec.name, row, K.recall_stat(spec.recall_k))] = recall_at_k(ids, ref, spec.recall_k)
 
             olds: dict[int, DeployedIndex] = {}
             for row, query in queries_old.items():

@@ -62,8 +62,9 @@ Index keys (only with `TrialConfig.index`, one set per index kind `<name>`; prot
                                          INDEX_ROWS: old/old, B/old, F/old in the old index (trained on
                                          h_old train, filled with h_old); F/F, B/F in the F index (trained
                                          on F(h_old) train, filled with F(h_old)); NaN without B / F
-    index/<name>/<row>/recall@<k>        share (percent) of the exact top-k (same query side, same
-                                         vectors) that the index returns in its top-k; k = recall_k
+    index/<name>/<row>/recall<k>         recall@k: share (percent) of the exact top-k (same query side,
+                                         same vectors) that the index returns in its top-k; k = recall_k
+                                         (spelt `recall10`: MLflow keys cannot hold '@')
     index/<name>/backfill/auc_paper      area under top-1(beta) while the F index is backfilled in place
                                          with B(h_new) in the paper's order (queries B(h_new))
     index/<name>/backfill/in_place       1.0: remove_ids + add_with_ids; 0.0: rebuilt per step (HNSW)
@@ -123,6 +124,14 @@ INDEX_TIME = "time_s"
 INDEX_TIME_TOTAL = "time/index_s"
 
 
+RECALL = "recall"
+
+
+def recall_stat(k: int) -> str:
+    """`recall_stat(10) == "recall10"`: recall@10 (MLflow keys cannot hold '@')."""
+    return f"{RECALL}{k}"
+
+
 def index_key(name: str, *parts: str) -> str:
     """`index_key("IVF64_PQ16", "B/old", "top1") == "index/IVF64_PQ16/B/old/top1"`."""
     return "/".join(("index", name, *parts))
@@ -130,7 +139,7 @@ def index_key(name: str, *parts: str) -> str:
 
 def index_row_keys(spec: Any, row: str, topk: Sequence[int] = DEFAULT_TOPK) -> list[str]:
     """The keys of one row of one index kind (`spec` has `.name` and `.recall_k`)."""
-    return [index_key(spec.name, row, s) for s in (*(f"top{k}" for k in topk), f"recall@{spec.recall_k}")]
+    return [index_key(spec.name, row, s) for s in (*(f"top{k}" for k in topk), recall_stat(spec.recall_k))]
 
 
 def index_keys(specs: Iterable[Any], topk: Sequence[int] = DEFAULT_TOPK) -> list[str]:

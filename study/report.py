@@ -285,7 +285,7 @@ def summarize_index(children: Sequence[Any]) -> list[dict[str, Any]]:
                 for row in INDEX_DROP_ROWS:
                     per_run[f"{row} drop"].append(m.get(f"{row}/top1", math.nan) - m.get(K.index_key(name, row, "top1"), math.nan))
                 for row in ("old/old", "B/old"):
-                    recall = [v for k, v in m.items() if k.startswith(K.index_key(name, row, "recall@"))]
+                    recall = [v for k, v in m.items() if k.startswith(K.index_key(name, row, K.RECALL))]
                     per_run[f"{row} recall"].append(recall[0] if recall else math.nan)
                 per_run["backfill"].append(m.get(K.index_key(name, K.BACKFILL_AUC_PAPER), math.nan))
                 per_run["backfill exact"].append(m.get(K.index_key(K.INDEX_EXACT, K.BACKFILL_AUC_PAPER), math.nan))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import faiss
 import numpy as np
@@ -163,13 +164,15 @@ def test_run_trial_index_rows_match_the_exact_rows_for_flat() -> None:
         m = res.metrics
         specs = [IndexSpec.from_dict(e) for e in index]
         assert set(K.index_keys(specs)) <= set(m)
+        for key in m:   # MLflow's rule for metric names
+            assert re.fullmatch(r"[\w\-. :/]+", key), key
         for row in K.INDEX_ROWS:
             for stat in ("top1", "top5"):
                 assert m[K.index_key("Flat", row, stat)] == pytest.approx(m[f"{row}/{stat}"], nan_ok=True)
             if math.isnan(m[f"{row}/top1"]):
-                assert math.isnan(m[K.index_key("hnsw", row, "recall@5")])
+                assert math.isnan(m[K.index_key("hnsw", row, "recall5")])
             else:
-                assert m[K.index_key("Flat", row, "recall@10")] == 100.0
+                assert m[K.index_key("Flat", row, "recall10")] == 100.0
         flat_curve = res.curves[K.index_key("Flat", K.CURVE_PAPER)]
         assert flat_curve == pytest.approx(res.curves[K.index_key(K.INDEX_EXACT, K.CURVE_PAPER)])
         assert len(flat_curve) == len(res.curves[K.CURVE_BETA])
@@ -187,8 +190,8 @@ def test_report_index_drop_is_exact_minus_index_mean_over_seeds(tmp_path) -> Non
     def run(method: str, lam: str, seed: int, exact: float, in_index: float) -> SimpleNamespace:
         m = {"old/old/top1": 80.0, "B/old/top1": exact, "B/F/top1": 70.0,
              K.index_key("IVF4_PQ8", "old/old", "top1"): 78.0, K.index_key("IVF4_PQ8", "B/old", "top1"): in_index,
-             K.index_key("IVF4_PQ8", "B/F", "top1"): 70.0, K.index_key("IVF4_PQ8", "B/old", "recall@10"): 50.0 + seed,
-             K.index_key("IVF4_PQ8", "old/old", "recall@10"): 60.0}
+             K.index_key("IVF4_PQ8", "B/F", "top1"): 70.0, K.index_key("IVF4_PQ8", "B/old", "recall10"): 50.0 + seed,
+             K.index_key("IVF4_PQ8", "old/old", "recall10"): 60.0}
         tags = {"pair": "a->b", "dataset": "mnist", "method": method, "lambda": lam, "seed": str(seed)}
         return SimpleNamespace(info=SimpleNamespace(status="FINISHED"), data=SimpleNamespace(metrics=m, tags=tags))
 
