@@ -28,6 +28,9 @@ Protocol (see `study.keys` for every key):
    betas in [0, 1], and the area under each curve (`metrics.curve_area`). For
    "independent" the curve is computed with no adapters: queries h_new, an h_old
    gallery turning into h_new (truncated to min(d, n) dims when d != n).
+6. With `index` entries: the rows old/old, B/old, F/old, F/F, B/F and the paper-order backfill
+   again inside faiss indexes trained on the train split's old (or F-mapped) features
+   (`study.index_eval`; keys `index/...`).
 """
 from __future__ import annotations
 
