@@ -40,8 +40,11 @@ Protocol (every index kind of `TrialConfig.index`, one `IndexSpec` each):
   curve on the same galleries (``index/exact/...``).
 - **Threads.** faiss's OpenMP threads are set for the evaluation (and restored
   after it) to the trial's CPUs: `TrialConfig.num_threads`, else
-  ``OMP_NUM_THREADS`` (Ray sets it to a trial's CPU count), capped by the
-  usable CPUs.
+  ``OMP_NUM_THREADS``, capped by the usable CPUs. A Ray worker gets
+  ``OMP_NUM_THREADS`` = floor of its assigned CPUs, at least 1
+  (``ray._private.utils.set_omp_num_threads_if_unset``, Ray 2.60), so a 1-CPU
+  trial runs faiss on one thread instead of every core of the node. Outside Ray
+  with neither set: the usable CPUs, at most 8 (`study.metrics`' rule).
 """
 from __future__ import annotations
 
