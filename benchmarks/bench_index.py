@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         specs = [ix.IndexSpec.from_dict(e) for e in KINDS]
         bf = ix.Backfill(new, gallery, new, train, order, args.points)
         with C.Clock() as t_eval:
-            ix.evaluate(specs, y=y, old_train=train, old=gallery, b_new=new, f_old=gallery, backfill=bf)
+            ix.evaluate(specs, y=y, old_train=train, old=gallery, b_new=new, f_old=gallery, backfill=bf,
+                        num_threads=args.threads)
     result = {
         "benchmark": "index",
         "params": vars(args),
