@@ -162,3 +162,15 @@ def test_share_features_normalises_once_when_the_study_does(normalize: bool) -> 
     expected = x / np.linalg.norm(x, axis=1, keepdims=True) if normalize else x
     np.testing.assert_allclose(store["k"][0], expected, rtol=1e-6)
     assert store["k"][1] is not None and (store["k"][1] == np.arange(20)).all()
+
+
+def test_index_section_reaches_every_trial_config() -> None:
+    from study.config import TrialConfig
+    from study.tune import trial_config
+
+    spec = load_space(SPACES / "index.yaml")
+    for trial in spec.trials():
+        cfg = TrialConfig.from_dict(trial_config(trial))
+        assert [s.name for s in cfg.index] == ["Flat", "IVF64_Flat", "IVF64_PQ16", "HNSW32"]
+        assert cfg.index[2].nprobe == 8 and cfg.index[3].efSearch == 64
+    assert "index" not in load_space(SPACES / "smoke.yaml").train
