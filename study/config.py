@@ -190,7 +190,8 @@ class TrialConfig:
             )
         names = [spec.name for spec in self.index]
         if len(set(names)) != len(names):
-            raise ValueError(f"`{path}.index` names an index twice ({', '.join(names)}): give each entry its own `name`")
+            raise ValueError(f"`{path}.index` names an index twice ({', '.join(names)}): "
+                             "give each entry its own `name`")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"`{path}.num_threads` must be None or >= 1, got {self.num_threads!r}")
 

@@ -128,6 +128,7 @@ class IndexSpec:
         return dataclasses.replace(spec, **ints)
 
     def to_dict(self) -> dict[str, Any]:
+        """The entry as a space writes it (unset search parameters left out)."""
         return {k: v for k, v in (("factory", self.factory), ("name", self.name), ("nprobe", self.nprobe),
                                   ("efSearch", self.efSearch), ("recall_k", self.recall_k)) if v is not None}
 

@@ -406,7 +406,8 @@ def run_trial(
     out["time/eval_s"] = time.perf_counter() - t1
 
     return TrialResult(
-        metrics={k: float(out[k]) for k in (*K.final_keys(data.zero_shot, cfg.topk), *K.index_keys(cfg.index, cfg.topk))},
+        metrics={k: float(out[k])
+                 for k in (*K.final_keys(data.zero_shot, cfg.topk), *K.index_keys(cfg.index, cfg.topk))},
         state=export_state(B, F),
         curves=curves,
         config=cfg.to_dict(),

@@ -179,7 +179,8 @@ def test_run_trial_index_rows_match_the_exact_rows_for_flat() -> None:
         assert m[K.index_key("hnsw", K.INDEX_IN_PLACE)] == 0.0 and m[K.index_key("Flat", K.INDEX_IN_PLACE)] == 1.0
         if method == "lambda":   # the backfill starts as the F index queried by B(h_new): the B/F row
             assert flat_curve[0] == pytest.approx(m["B/F/top1"])
-            assert res.curves[K.index_key("hnsw", K.CURVE_PAPER)][0] == pytest.approx(m[K.index_key("hnsw", "B/F", "top1")])
+            hnsw_curve = res.curves[K.index_key("hnsw", K.CURVE_PAPER)]
+            assert hnsw_curve[0] == pytest.approx(m[K.index_key("hnsw", "B/F", "top1")])
 
 
 def test_report_index_drop_is_exact_minus_index_mean_over_seeds(tmp_path) -> None:
