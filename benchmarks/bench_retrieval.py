@@ -15,11 +15,20 @@ Compares, on the same random clustered data in one run (issue 5, item 1):
   (e) ours                study.metrics.retrieval
   (f) reference           study.metrics.retrieval_brute_force (shares our scores;
                           per-query stable argsort)
+  (g) faiss top-k         faiss IndexFlatIP top-(5+1) search, own item dropped,
+                          CMC top-1/5 only (no mAP: a top-k list cannot give it);
+                          study.index_eval.exact_topk + topk_cmc. faiss puts exact
+                          ties higher id first, ours lower index first
+
+Above N = 20,000 only ours and faiss run (the N x N matrix of (c) is 40 GB at
+N = 100,000; (c) chunked costs what faiss does; (d) and the per-query methods
+take hours), and no ratio to the floor is given.
 
 Writes a JSON result (with machine info) and prints a markdown table.
 
     python benchmarks/bench_retrieval.py                 # N=10,000, D=1280
     python benchmarks/bench_retrieval.py --quick         # N=2,000, D=256
+    python benchmarks/bench_retrieval.py --n 100000 --repeat 1 --out benchmarks/results/retrieval_100k.json
 """
 from __future__ import annotations
 
@@ -41,6 +50,8 @@ import _common as C  # noqa: E402
 from study.metrics import _default_chunk, retrieval, retrieval_brute_force  # noqa: E402
 
 TOPK = (1, 5)
+LARGE_N = 20_000
+FAISS = "faiss IndexFlatIP top-k (CMC only)"
 
 
 def make_data(n: int, d: int, classes: int, separation: float, seed: int):
@@ -158,6 +169,12 @@ def ours(x, y):
     return retrieval(x, x, y, y, leave_one_out=True, distance="cosine", topk=TOPK)
 
 
+def faiss_topk(x, y):
+    from study.index_eval import exact_topk, topk_cmc
+    ids = exact_topk(x, x, max(TOPK), leave_one_out=True, distance="cosine")
+    return topk_cmc(ids, y, y, TOPK, leave_one_out=True)
+
+
 def reference(x, y):
     return retrieval_brute_force(x, x, y, y, leave_one_out=True, distance="cosine", topk=TOPK)
 
@@ -198,19 +215,24 @@ def main(argv=None) -> int:
     x, y = make_data(args.n, args.d, args.classes, args.separation, args.seed)
     load_before = os.getloadavg()
 
-    fast = {"floor (matmul, one call)": [], "floor (matmul, our chunks)": [],
-            "matmul + argsort rows": [], "ours": []}
-    ours_metrics = None
+    large = args.n > LARGE_N
+    fast = {"ours": [], FAISS: []}
+    if not large:
+        fast = {"floor (matmul, one call)": [], "floor (matmul, our chunks)": [], **fast, "matmul + argsort rows": []}
+    ours_metrics = faiss_metrics = None
     for _ in range(args.repeat):  # interleaved, so load spikes hit all alike
-        fast["floor (matmul, one call)"].append(floor_full(x, y))
-        fast["floor (matmul, our chunks)"].append(floor_chunked(x, y))
-        fast["matmul + argsort rows"].append(matmul_argsort(x, y))
+        if not large:
+            fast["floor (matmul, one call)"].append(floor_full(x, y))
+            fast["floor (matmul, our chunks)"].append(floor_chunked(x, y))
+            fast["matmul + argsort rows"].append(matmul_argsort(x, y))
         c, ours_metrics = timed(ours, x, y)
         fast["ours"].append(c)
-    mem_ours = peak_memory_mb(ours, x, y)
+        c, faiss_metrics = timed(faiss_topk, x, y)
+        fast[FAISS].append(c)
+    mem_ours = peak_memory_mb(ours, x, y) if not large else None
 
     slow = {}
-    if not args.skip_slow:
+    if not args.skip_slow and not large:
         for name, fn in (("numpy per query", numpy_per_query),
                          ("numpy per row of matmul blocks", numpy_per_row),
                          ("sklearn per query", sklearn_per_query),
@@ -218,8 +240,9 @@ def main(argv=None) -> int:
             slow[name] = timed(fn, x, y)
     load_after = os.getloadavg()
 
-    floor = min(c.wall for c in fast["floor (matmul, one call)"] + fast["floor (matmul, our chunks)"])
-    floor_cpu = min(c.cpu for c in fast["floor (matmul, one call)"] + fast["floor (matmul, our chunks)"])
+    floors = [c for name in ("floor (matmul, one call)", "floor (matmul, our chunks)") for c in fast.get(name, [])]
+    floor = min((c.wall for c in floors), default=None)
+    floor_cpu = min((c.cpu for c in floors), default=None)
     base_name = "numpy per query"
     base_c, base_m = slow.get(base_name, (None, None))
     base_t = base_c.wall if base_c else None
@@ -227,7 +250,7 @@ def main(argv=None) -> int:
     def diff(m):
         if m is None or base_m is None:
             return None
-        return max(abs(m[k] - base_m[k]) for k in base_m)
+        return max(abs(m[k] - base_m[k]) for k in m)
 
     rows = []
     for name, cs in fast.items():
@@ -240,11 +263,15 @@ def main(argv=None) -> int:
         rows.append({"method": name, "seconds": c.wall, "seconds_all": [c.wall],
                      "cpu_seconds": c.cpu, "cpu_seconds_all": [c.cpu], "metrics": m})
     for r in rows:
-        r["ratio_to_floor"] = r["seconds"] / floor
-        r["cpu_ratio_to_floor"] = r["cpu_seconds"] / floor_cpu
+        r["ratio_to_floor"] = r["seconds"] / floor if floor else None
+        r["cpu_ratio_to_floor"] = r["cpu_seconds"] / floor_cpu if floor_cpu else None
         r["speedup_vs_numpy_per_query"] = base_t / r["seconds"] if base_t else None
-        m = ours_metrics if r["method"] == "ours" else r.get("metrics")
-        r["max_abs_diff_vs_numpy_per_query"] = diff(m)
+        m = {"ours": ours_metrics, FAISS: faiss_metrics}.get(r["method"], r.get("metrics"))
+        r["max_abs_diff_vs_numpy_per_query"] = diff(m)   # faiss: top-1/5 only
+    faiss_row = next(r for r in rows if r["method"] == FAISS)
+    faiss_row["metrics"] = faiss_metrics
+    faiss_row["max_abs_diff_vs_ours"] = max(abs(faiss_metrics[k] - ours_metrics[k]) for k in faiss_metrics)
+    faiss_row["speedup_vs_ours"] = min(c.wall for c in fast["ours"]) / faiss_row["seconds"]
     ours_row = next(r for r in rows if r["method"] == "ours")
     ours_row["metrics"] = ours_metrics
     ours_row["peak_traced_mb"] = mem_ours
@@ -281,6 +308,9 @@ def main(argv=None) -> int:
             "scores differently in the last bit: that is where their small diffs come from.",
             "peak_traced_mb: tracemalloc peak during one call of ours (normalised copy of the "
             "inputs + two score blocks), against the full N x N similarity matrix.",
+            "faiss top-k: CMC top-1/5 from IndexFlatIP's top-(5+1) (own item dropped), no mAP; "
+            "faiss uses its OpenMP threads (all usable CPUs here), ours its BLAS and ranking threads. "
+            "Ties: faiss returns exact ties higher id first, ours ranks lower index first.",
         ],
     }
     out = Path(args.out)
@@ -293,17 +323,20 @@ def main(argv=None) -> int:
     print(f"N={args.n}, D={args.d}, {args.classes} classes, cosine, leave-one-out; "
           f"{result['machine'].get('cpus_usable')} CPUs, numpy {np.__version__}, "
           f"{result['machine'].get('blas', '?')}; load {load_before[0]:.1f} -> {load_after[0]:.1f}")
-    print(f"ours: {ours_metrics}; peak traced memory {mem_ours:.0f} MiB "
-          f"(score block {result['score_block_mb']:.0f} MiB x2 + normalised copy; "
-          f"the full similarity matrix would be {result['similarity_matrix_mb']:.0f} MiB)")
+    if mem_ours is not None:
+        print(f"ours: {ours_metrics}; peak traced memory {mem_ours:.0f} MiB "
+              f"(score block {result['score_block_mb']:.0f} MiB x2 + normalised copy; "
+              f"the full similarity matrix would be {result['similarity_matrix_mb']:.0f} MiB)")
+    print(f"faiss top-k: {faiss_metrics}: {faiss_row['speedup_vs_ours']:.2f}x ours, max abs diff vs ours "
+          f"{faiss_row['max_abs_diff_vs_ours']:.2e}")
     print()
     print("| method | seconds (min) | all runs | x floor | CPU s | CPU x floor "
           "| speedup vs numpy per query | max abs diff vs numpy per query |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         runs = ", ".join(f"{t:.2f}" for t in r["seconds_all"])
-        print(f"| {r['method']} | {r['seconds']:.2f} | {runs} | {r['ratio_to_floor']:.2f} "
-              f"| {r['cpu_seconds']:.2f} | {r['cpu_ratio_to_floor']:.2f} "
+        print(f"| {r['method']} | {r['seconds']:.2f} | {runs} | {fmt(r['ratio_to_floor'], '.2f')} "
+              f"| {r['cpu_seconds']:.2f} | {fmt(r['cpu_ratio_to_floor'], '.2f')} "
               f"| {fmt(r['speedup_vs_numpy_per_query'], '.1f')} "
               f"| {fmt(r['max_abs_diff_vs_numpy_per_query'], '.2e')} |")
     if ours_row["max_abs_diff_vs"]:

@@ -20,7 +20,10 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # study.index_eval imports faiss: only configs with an index load it
+    from study.index_eval import IndexSpec
 
 __all__ = ["MethodSpec", "METHODS", "list_methods", "TrialConfig"]
 
@@ -135,6 +138,8 @@ class TrialConfig:
     #   order only matters through items that intrude into other classes' rankings: on the MNIST pair the paper
     #   order beat random by ~2 mAP points, while top-1 (set by the one nearest item) could not tell them apart
     eval_every: int = 5  # ours: cheap eval (B/old, B/B, B/F top-1) every k epochs, and at the first and last
+    index: tuple[IndexSpec, ...] = ()  # faiss index kinds to evaluate in (`study.index_eval`): entries
+    #   {factory, name, nprobe, efSearch, recall_k}; a space's top-level `index:` section fills it. Empty: none
 
     # --- runtime -----------------------------------------------------------
     device: str = "auto"  # "auto": CUDA when available, else CPU; "cuda" falls back to CPU with a warning
@@ -144,6 +149,7 @@ class TrialConfig:
     # ------------------------------------------------------------------
     def __post_init__(self) -> None:
         self.topk = tuple(self.topk)
+        self.index = _index_specs("config.index", self.index)
         self.validate()
 
     @property
@@ -186,6 +192,10 @@ class TrialConfig:
             )
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"`{path}.steps_per_epoch` must be None or >= 1, got {self.steps_per_epoch!r}")
+        names = [spec.name for spec in self.index]
+        if len(set(names)) != len(names):
+            raise ValueError(f"`{path}.index` names an index twice ({', '.join(names)}): "
+                             "give each entry its own `name`")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"`{path}.num_threads` must be None or >= 1, got {self.num_threads!r}")
 
@@ -222,9 +232,10 @@ class TrialConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (topk as a list)."""
+        """Plain dict of every field (topk as a list, index as a list of entry dicts)."""
         d = dataclasses.asdict(self)
         d["topk"] = list(self.topk)
+        d["index"] = [spec.to_dict() for spec in self.index]
         return d
 
 
@@ -275,6 +286,8 @@ def _coerce(where: str, value: Any, annotation: str) -> Any:
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
             raise ValueError(f"`{where}` must be a list of integers, got {value!r}")
         return tuple(_as_int(f"{where}[{i}]", v) for i, v in enumerate(value))
+    if base == "tuple[IndexSpec,...]":
+        return _index_specs(where, value)
     raise TypeError(f"no coercion for annotation {annotation!r} of `{where}`")  # pragma: no cover
 
 
@@ -286,3 +299,20 @@ def _as_int(where: str, value: Any) -> int:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     raise ValueError(f"`{where}` must be an integer, got {value!r}")
+
+
+def _index_specs(where: str, value: Any) -> tuple["IndexSpec", ...]:
+    """The `index` entries as `study.index_eval.IndexSpec`s (keys and types checked, no dims needed)."""
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"`{where}` must be a list of index entries such as {{factory: IVF64,PQ16}}, got {value!r}")
+    value = list(value)
+    if not value:
+        return ()
+    from study.index_eval import IndexSpec, IndexSpecError
+    out = []
+    for i, entry in enumerate(value):
+        try:
+            out.append(IndexSpec.from_dict(entry))
+        except IndexSpecError as err:
+            raise ValueError(f"`{where}[{i}].{err.key}` {err.message}") from None
+    return tuple(out)

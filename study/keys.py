@@ -55,6 +55,26 @@ Other final keys:
 `backfill/random` (M at each beta), the five `loss/*` per epoch, and the cheap
 eval keys with `eval_epoch` at each cheap evaluation.
 
+Index keys (only with `TrialConfig.index`, one set per index kind `<name>`; protocol in
+`study.index_eval`): the gallery sits in a faiss index trained on old train-split features.
+
+    index/<name>/<row>/top1, .../top5    CMC top-k from the index's top-k, leave-one-out, for <row> in
+                                         INDEX_ROWS: old/old, B/old, F/old in the old index (trained on
+                                         h_old train, filled with h_old); F/F, B/F in the F index (trained
+                                         on F(h_old) train, filled with F(h_old)); NaN without B / F
+    index/<name>/<row>/recall<k>         recall@k: share (percent) of the exact top-k (same query side,
+                                         same vectors) that the index returns in its top-k; k = recall_k
+                                         (spelt `recall10`: MLflow keys cannot hold '@')
+    index/<name>/backfill/auc_paper      area under top-1(beta) while the F index is backfilled in place
+                                         with B(h_new) in the paper's order (queries B(h_new))
+    index/<name>/backfill/in_place       1.0: remove_ids + add_with_ids; 0.0: rebuilt per step (HNSW)
+    index/<name>/time_s                  wall-clock seconds of that kind (train, fill, search, backfill)
+    index/exact/backfill/auc_paper       the same backfill scored by exact search (top-1), for comparison
+    time/index_s                         all of the index evaluation
+
+`TrialResult.curves` adds `index/<name>/backfill/paper` and `index/exact/backfill/paper` (top-1 at
+each `backfill/beta`).
+
 Per-epoch keys (what `on_epoch(epoch, metrics)` receives, what Ray Tune sees):
 `epoch`, the five `loss/*` keys (means over that epoch) and the cheap eval
 keys `B/old/top1`, `B/B/top1`, `B/F/top1`, recomputed every `eval_every`
@@ -63,7 +83,7 @@ that every report has them; `eval_epoch` says when they were computed.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 ROWS: tuple[str, ...] = ("old/old", "new/new", "new/old", "F/old", "F/F", "B/F", "B/old", "B/B")
 """Retrieval rows, named query/gallery."""
@@ -93,6 +113,46 @@ EPOCH_KEYS: tuple[str, ...] = (EPOCH, *LOSS_KEYS, *CHEAP_EVAL_KEYS, EVAL_EPOCH)
 CURVE_BETA = "backfill/beta"
 CURVE_PAPER = "backfill/paper"
 CURVE_RANDOM = "backfill/random"
+
+
+INDEX_ROWS: tuple[str, ...] = ("old/old", "B/old", "F/old", "F/F", "B/F")
+"""Rows scored inside each faiss index (see the module docstring)."""
+INDEX_EXACT = "exact"
+"""Reserved index name: the exact-search reference of the index backfill curve."""
+INDEX_IN_PLACE = "backfill/in_place"
+INDEX_TIME = "time_s"
+INDEX_TIME_TOTAL = "time/index_s"
+
+
+RECALL = "recall"
+
+
+def recall_stat(k: int) -> str:
+    """`recall_stat(10) == "recall10"`: recall@10 (MLflow keys cannot hold '@')."""
+    return f"{RECALL}{k}"
+
+
+def index_key(name: str, *parts: str) -> str:
+    """`index_key("IVF64_PQ16", "B/old", "top1") == "index/IVF64_PQ16/B/old/top1"`."""
+    return "/".join(("index", name, *parts))
+
+
+def index_row_keys(spec: Any, row: str, topk: Sequence[int] = DEFAULT_TOPK) -> list[str]:
+    """The keys of one row of one index kind (`spec` has `.name` and `.recall_k`)."""
+    return [index_key(spec.name, row, s) for s in (*(f"top{k}" for k in topk), recall_stat(spec.recall_k))]
+
+
+def index_keys(specs: Iterable[Any], topk: Sequence[int] = DEFAULT_TOPK) -> list[str]:
+    """Every `index/...` key of a trial evaluating these index kinds (none: no keys)."""
+    specs = list(specs)
+    if not specs:
+        return []
+    out: list[str] = []
+    for spec in specs:
+        for row in INDEX_ROWS:
+            out += index_row_keys(spec, row, topk)
+        out += [index_key(spec.name, k) for k in (BACKFILL_AUC_PAPER, INDEX_IN_PLACE, INDEX_TIME)]
+    return out + [index_key(INDEX_EXACT, BACKFILL_AUC_PAPER), INDEX_TIME_TOTAL]
 
 
 def stat_names(topk: Sequence[int] = DEFAULT_TOPK) -> tuple[str, ...]:

@@ -248,18 +248,122 @@ def plot_backfill(client: Any, children: Sequence[Any], path: Path) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------
+# Inside a deployed index (`index:` section of the space; keys in study/keys.py)
+# ---------------------------------------------------------------------------
+
+INDEX_DROP_ROWS = ("old/old", "B/old", "B/F")
+"""Rows whose top-1 drop from exact search the index table shows (old/old: the index's own cost)."""
+
+
+def index_names(children: Sequence[Any]) -> list[str]:
+    """Index kinds found in the runs' metrics (`index/<name>/old/old/top1`), in first-seen order."""
+    names: dict[str, None] = {}
+    for run in children:
+        for key in run.data.metrics:
+            parts = key.split("/")
+            if parts[0] == "index" and key == K.index_key(parts[1], "old/old", "top1"):
+                names[parts[1]] = None
+    return list(names)
+
+
+def summarize_index(children: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per (pair, data set, method, lambda) and index kind: mean and std over seeds of the top-1 drop
+    (exact minus index, points) of INDEX_DROP_ROWS, recall@k of old/old and B/old, and the backfill
+    areas inside the index and by exact search."""
+    names = index_names(children)
+    groups: dict[tuple, list[Any]] = defaultdict(list)
+    for run in children:
+        if run.info.status == "FINISHED":
+            groups[_group_key(run)].append(run)
+    rows = []
+    for key in sorted(groups, key=_sort_key):
+        for name in names:
+            per_run: dict[str, list[float]] = defaultdict(list)
+            for run in groups[key]:
+                m = run.data.metrics
+                for row in INDEX_DROP_ROWS:
+                    per_run[f"{row} drop"].append(m.get(f"{row}/top1", math.nan) - m.get(K.index_key(name, row, "top1"), math.nan))
+                for row in ("old/old", "B/old"):
+                    recall = [v for k, v in m.items() if k.startswith(K.index_key(name, row, K.RECALL))]
+                    per_run[f"{row} recall"].append(recall[0] if recall else math.nan)
+                per_run["backfill"].append(m.get(K.index_key(name, K.BACKFILL_AUC_PAPER), math.nan))
+                per_run["backfill exact"].append(m.get(K.index_key(K.INDEX_EXACT, K.BACKFILL_AUC_PAPER), math.nan))
+            row_out: dict[str, Any] = {"pair": key[0], "dataset": key[1], "method": key[2], "lambda": key[3],
+                                       "index": name, "n": len(groups[key])}
+            for col, vals in per_run.items():
+                v = np.array(vals, dtype=float)
+                v = v[~np.isnan(v)]
+                row_out[col] = (float(v.mean()), float(v.std())) if v.size else (math.nan, math.nan)
+            rows.append(row_out)
+    return rows
+
+
+INDEX_COLUMNS = ("old/old drop", "B/old drop", "B/F drop", "old/old recall", "B/old recall", "backfill",
+                 "backfill exact")
+
+
+def index_markdown(rows: list[dict[str, Any]]) -> str:
+    head = ["pair", "data set", "method", "lambda", "index", *INDEX_COLUMNS]
+    lines = ["", "## Inside a faiss index: top-1 drop from exact search (exact − index, points), recall@k (%) and "
+             "backfill area (top-1, paper order) in the index and by exact search", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["pair"], r["dataset"], r["method"], r["lambda"] or "-", r["index"], *(_fmt(r[c]) for c in INDEX_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_index_drop(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Per cell: B/old top-1 drop (bars, one per index kind) per method and lambda, the old/old drop of the
+    same index as a black tick; and B/old recall@k beside old/old's."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not rows:
+        return False
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        cells[(r["pair"], r["dataset"])].append(r)
+    names = list(dict.fromkeys(r["index"] for r in rows))
+    fig, axes = plt.subplots(len(cells), 2, figsize=(12, 3.8 * len(cells)), squeeze=False)
+    width = 0.8 / len(names)
+    for ((pair, ds), group), ax_row in zip(cells.items(), axes):
+        labels = list(dict.fromkeys(r["method"] if r["method"] != "lambda" else f"λ={r['lambda']}" for r in group))
+        for ax, (value, ref, ylabel) in zip(ax_row, (("B/old drop", "old/old drop", "top-1 drop, exact − index (points)"),
+                                                     ("B/old recall", "old/old recall", "recall@k vs exact (%)"))):
+            for j, name in enumerate(names):
+                rs = {(r["method"] if r["method"] != "lambda" else f"λ={r['lambda']}"): r for r in group if r["index"] == name}
+                xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(labels))]
+                ax.bar(xs, [rs[lab][value][0] for lab in labels], width, yerr=[rs[lab][value][1] for lab in labels],
+                       color=f"C{j}", label=f"{name}: B/old")
+                ax.scatter(xs, [rs[lab][ref][0] for lab in labels], marker="_", s=200, color="black", zorder=3,
+                           label="old/old (same index)" if j == 0 else None)
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{pair} on {ds}", fontsize=9)
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def build_report(tracking_uri: str, study: str, out_dir: Path) -> Report:
     """Summary table and plots for a study, written to `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _, children = fetch_runs(tracking_uri, study)
     rows, failed = summarize(children)
-    markdown = to_markdown(study, rows, failed)
+    index_rows = summarize_index(children)
+    markdown = to_markdown(study, rows, failed) + (index_markdown(index_rows) if index_rows else "")
     md_path, csv_path = out_dir / "summary.md", out_dir / "summary.csv"
     md_path.write_text(markdown)
     write_csv(csv_path, rows)
     files = [csv_path, md_path]
     for name, fn in (("lambda_sweep.png", lambda p: plot_lambda_sweep(rows, p)), ("pareto.png", lambda p: plot_pareto(rows, p)),
-                     ("backfill.png", lambda p: plot_backfill(_client(tracking_uri), children, p))):
+                     ("backfill.png", lambda p: plot_backfill(_client(tracking_uri), children, p)),
+                     ("index_drop.png", lambda p: plot_index_drop(index_rows, p))):
         if fn(out_dir / name):
             files.append(out_dir / name)
     return Report(rows=rows, failed=failed, markdown=markdown, files=files)

@@ -274,6 +274,7 @@ TOP_KEYS = {
     "max_concurrent": "integer >= 1",
     "max_failures": "integer >= 0 (retries of a failed trial)",
     "features": "{dtype: float32|float16} (storage precision of the feature cache)",
+    "index": "list of {factory, name, nprobe, efSearch, recall_k}: faiss indexes to evaluate in",
 }
 
 
@@ -369,10 +370,15 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
     for key in train:
         if key in TRIAL_KEYS:
             raise c.fail(f"train.{key}", "is set per trial from the top-level keys methods/lambdas/alpha/seeds, not in `train`")
+    if "index" in train:
+        raise c.fail("train.index", "is set from the top-level `index:` section, not in `train`")
     try:
         TrialConfig.from_dict({**train, "method": "affine"})
     except (ValueError, TypeError) as err:
         raise c.fail("train", str(err)) from None
+    index = _index_section(c, top.get("index", []), pairs, datasets, train.get("distance", TrialConfig.distance))
+    if index:
+        train = {**train, "index": [spec.to_dict() for spec in index]}
 
     resources = c.mapping(top.get("resources", {}) or {}, "resources", {"cpu": "", "gpu": ""})
     cpu = c.number(resources.get("cpu", 1), "resources.cpu", low=0.0, low_open=True)
@@ -441,6 +447,43 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
     if search.kind == "grid" and not spec.trials():
         raise c.fail("", "the grid is empty")
     return spec
+
+
+def _index_section(c: _Checker, value: Any, pairs: tuple[Pair, ...], datasets: tuple[Downstream, ...],
+                   distance: str) -> tuple[Any, ...]:
+    """The `index:` entries as `study.index_eval.IndexSpec`s, each built by faiss at every dim a trial uses
+    (d, n, min(d, n)) and, for offline data sets, checked against the train split's size."""
+    if value == []:
+        return ()
+    import backbones
+    from study.index_eval import IndexSpec, IndexSpecError
+
+    def fail(i: int, err: IndexSpecError, where: str = "") -> SpaceError:
+        return c.fail(f"index[{i}].{err.key}", err.message + where)
+
+    def item(v: Any, kp: str) -> Any:
+        try:
+            return IndexSpec.from_dict(v)
+        except IndexSpecError as err:
+            raise c.fail(f"{kp}.{err.key}", err.message) from None
+
+    specs = c.seq(value, "index", item, nonempty=False)
+    names = [spec.name for spec in specs]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise c.fail(f"index[{i}].name", f"`{name}` is used by index[{names.index(name)}]: give each entry its own `name`")
+    train_size = {ds: len(backbones.load_dataset(ds.dataset, ds.train)) if backbones.dataset_cfg(ds.dataset).offline
+                  else None for ds in datasets}   # online sets: the trial checks it
+    for i, spec in enumerate(specs):
+        for pair in pairs:
+            d, n = backbones.backbone_cfg(pair.old).dim, backbones.backbone_cfg(pair.new).dim
+            for dim in sorted({d, n, min(d, n)}):
+                for ds, n_train in train_size.items():
+                    try:
+                        spec.build(dim, distance, n_train=n_train)
+                    except IndexSpecError as err:
+                        raise fail(i, err, f" (pair {pair.name}, dim {dim}, {ds.dataset}:{ds.train})") from None
+    return specs
 
 
 def _range(c: _Checker, value: Any, keypath: str, *, low: float, low_open: bool) -> tuple[float, float]:

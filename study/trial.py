@@ -30,6 +30,9 @@ Protocol (see `study.keys` for every key):
    betas in [0, 1], and the area under each curve (`metrics.curve_area`). For
    "independent" the curve is computed with no adapters: queries h_new, an h_old
    gallery turning into h_new (truncated to min(d, n) dims when d != n).
+6. With `index` entries: the rows old/old, B/old, F/old, F/F, B/F and the paper-order backfill
+   again inside faiss indexes trained on the train split's old (or F-mapped) features
+   (`study.index_eval`; keys `index/...`).
 """
 from __future__ import annotations
 
@@ -185,6 +188,14 @@ class _TrainRows:
     def __getitem__(self, idx: Tensor) -> Tensor:
         return self._prepare(self.x[idx.cpu()])
 
+    def sample(self, limit: int, seed: int) -> Tensor:
+        """Every prepared row if there are at most `limit`, else `limit` of them (seeded, in row order)."""
+        n = self.shape[0]
+        if n <= limit:
+            return self._prepare(self.x)
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+        return self[idx]
+
 
 def _tensor(features: Any, normalize: bool, device: torch.device, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """float32 features on `device`, L2-normalised if asked, minus `shift` if given; int64 labels."""
@@ -309,11 +320,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
-def _backfill(cfg: TrialConfig, y: np.ndarray, query: np.ndarray, old_side: np.ndarray,
-              new_side: np.ndarray, device: torch.device | None) -> tuple[dict[str, float], dict[str, list[float]]]:
+def _orders(cfg: TrialConfig, y: np.ndarray, old_side: np.ndarray) -> dict[str, np.ndarray]:
     # the paper's order in the retrieval geometry: with cosine, distances between unit vectors
     ordering_side = _unit(old_side) if cfg.distance == "cosine" else old_side
-    orders = {kind: metrics.backfill_order(ordering_side, y, kind=kind, seed=cfg.seed) for kind in ("paper", "random")}
+    return {kind: metrics.backfill_order(ordering_side, y, kind=kind, seed=cfg.seed) for kind in ("paper", "random")}
+
+
+def _backfill(cfg: TrialConfig, y: np.ndarray, query: np.ndarray, old_side: np.ndarray,
+              new_side: np.ndarray, device: torch.device | None) -> tuple[dict[str, float], dict[str, list[float]]]:
+    orders = _orders(cfg, y, old_side)
     betas, values = metrics.backfill_curves(query, old_side, new_side, y, orders, points=cfg.backfill_points,
                                             distance=cfg.distance, metric=cfg.backfill_metric, device=device)
     curves: dict[str, list[float]] = {K.CURVE_BETA: [float(b) for b in betas]}
@@ -418,12 +433,25 @@ def run_trial(
 
     y_np = evaluator.y
     if b_new is not None and f_old is not None:
-        bf, bf_curves = _backfill(cfg, y_np, b_new, f_old, b_new, evaluator.device)
+        bf_sides = (b_new, f_old, b_new)
     else:  # no adapters: the (truncated) old gallery turns into the new one
         new_t, old_t = truncate_pair(evaluator.new_np, evaluator.old_np)
-        bf, bf_curves = _backfill(cfg, y_np, new_t, old_t, new_t, evaluator.device)
+        bf_sides = (new_t, old_t, new_t)
+    bf, bf_curves = _backfill(cfg, y_np, *bf_sides, evaluator.device)
     out.update(bf)
     curves.update(bf_curves)
+    if cfg.index:
+        from study import index_eval
+        index_train = old_tr.sample(index_eval.MAX_TRAIN_ROWS, cfg.seed)
+        old_tr_np = _np(index_train)
+        start_train = _np(F_eval(index_train)) if f_old is not None else old_tr_np[:, :bf_sides[1].shape[1]]
+        backfill = index_eval.Backfill(*bf_sides, start_train=start_train,
+                                       order=_orders(cfg, y_np, bf_sides[1])["paper"], points=cfg.backfill_points)
+        ix, ix_curves = index_eval.evaluate(cfg.index, y=y_np, old_train=old_tr_np, old=evaluator.old_np, b_new=b_new,
+                                            f_old=f_old, backfill=backfill, topk=cfg.topk, distance=cfg.distance,
+                                            num_threads=cfg.num_threads)
+        out.update(ix)
+        curves.update(ix_curves)
 
     last = history[-1] if history else {}
     for k in K.LOSS_KEYS:
@@ -433,7 +461,8 @@ def run_trial(
     out["time/eval_s"] = time.perf_counter() - t1
 
     return TrialResult(
-        metrics={k: float(out[k]) for k in K.final_keys(data.zero_shot, cfg.topk)},
+        metrics={k: float(out[k])
+                 for k in (*K.final_keys(data.zero_shot, cfg.topk), *K.index_keys(cfg.index, cfg.topk))},
         state=export_state(B, F),
         curves=curves,
         config=cfg.to_dict(),

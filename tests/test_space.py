@@ -81,6 +81,14 @@ BAD = [
     ("scheduler-unknown", _with(scheduler={"kind": "pbt"}), ["scheduler.kind", "none, asha"]),
     ("optuna-needs-lambda", _with(search={"kind": "optuna"}), ["methods", "lambda"]),
     ("pair-missing-new", _with(pairs=[{"old": "mnist_old"}]), ["pairs[0].new", "required"]),
+    ("index-unknown-factory", _with(index=[{"factory": "IVF8,Flatt"}]), ["index[0].factory", "cannot build", "allowed"]),
+    ("index-pq-not-dividing-dim", _with(index=[{"factory": "IVF8,PQ7"}]), ["index[0].factory", "divide the dim 128", "allowed"]),
+    ("index-more-lists-than-points", _with(index=[{"factory": "IVF5000,Flat"}]), ["index[0].factory", "4000 points", "allowed"]),
+    ("index-unknown-search-param", _with(index=[{"factory": "IVF8,Flat", "nprob": 2}]), ["index[0].nprob", "did you mean `nprobe`", "allowed"]),
+    ("index-param-of-another-kind", _with(index=[{"factory": "HNSW32", "nprobe": 2}]), ["index[0].nprobe", "allowed for it: efSearch"]),
+    ("index-nprobe-over-nlist", _with(index=[{"factory": "IVF8,Flat", "nprobe": 9}]), ["index[0].nprobe", "<= the 8 IVF lists"]),
+    ("index-name-twice", _with(index=[{"factory": "Flat"}, {"factory": "HNSW32", "name": "Flat"}]), ["index[1].name", "its own"]),
+    ("index-in-train", _with(train={"index": []}), ["train.index", "top-level `index:`"]),
     ("train-equals-eval", _with(datasets=[{"name": "mnist", "train": "test", "eval": "test"}]), ["datasets[0].eval", "differ"]),
     ("feature-dtype-unknown", _with(features={"dtype": "bfloat16"}), ["features.dtype", "float32, float16"]),
     ("features-unknown-key", _with(features={"precision": "float16"}), ["features", "precision"]),
@@ -155,3 +163,15 @@ def test_synthetic_space_parses_sizes_from_the_name(tmp_path) -> None:
     cfg = backbones.dataset_cfg(spec.datasets[0].dataset)
     assert cfg.num_classes == 7 and cfg.splits == ("train", "test") and spec.datasets[0].eval == "test"
     assert len(backbones.load_dataset(cfg.name, "train")) == 300  # noise images for the real backbone
+
+
+def test_index_section_reaches_every_trial_config() -> None:
+    from study.config import TrialConfig
+    from study.tune import trial_config
+
+    spec = load_space(SPACES / "index.yaml")
+    for trial in spec.trials():
+        cfg = TrialConfig.from_dict(trial_config(trial))
+        assert [s.name for s in cfg.index] == ["Flat", "IVF64_Flat", "IVF64_PQ16", "HNSW32"]
+        assert cfg.index[2].nprobe == 8 and cfg.index[3].efSearch == 64
+    assert "index" not in load_space(SPACES / "smoke.yaml").train
