@@ -195,6 +195,35 @@ def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "NOT met")
 
 
+class PeriodicSampler:
+    """Calls `tick()` every `interval` seconds in a daemon thread while used as a context manager,
+    and once more on exit. Subclasses implement `tick`."""
+
+    def __init__(self, interval: float) -> None:
+        import threading
+
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeriodicSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.tick()
+
+
 class FeatureArrays:
     """The .x/.y view study.trial expects."""
 

@@ -37,7 +37,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -82,18 +81,16 @@ def idle_trial(config):
         _tune.report({"done_idle": 1}, checkpoint=_tune.Checkpoint.from_directory(tmp))
 
 
-class Sampler:
+class Sampler(C.PeriodicSampler):
     """Samples memory of this process and all its descendants in a thread; keeps the peaks."""
 
     def __init__(self, interval: float) -> None:
         import psutil
 
+        super().__init__(interval)
         self.psutil = psutil
         self.me = psutil.Process()
-        self.interval = interval
         self.samples: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> dict:
         ps = self.psutil
@@ -119,18 +116,7 @@ class Sampler:
         tot["procs"] = procs
         return tot
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self.sample())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "Sampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def tick(self) -> None:
         self.samples.append(self.sample())
 
     def peaks(self) -> dict:

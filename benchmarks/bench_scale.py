@@ -38,7 +38,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -74,19 +73,17 @@ def rss_anon(pid: int) -> int:
     return 0
 
 
-class Sampler:
+class Sampler(C.PeriodicSampler):
     """RSS of a process tree by role (driver, trial workers, extraction tasks, other) and /dev/shm use."""
 
     def __init__(self, root_pid: int, interval: float) -> None:
         import psutil
 
+        super().__init__(interval)
         self.ps = psutil
         self.root = psutil.Process(root_pid)
-        self.interval = interval
         self.peak: dict[str, float] = {"driver": 0, "shm": 0, "total": 0}
         self.workers: dict[int, dict] = {}  # pid -> {"role", "peak" (RSS), "anon" (RssAnon: heap, not mapped files)}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self.shm0 = shutil.disk_usage("/dev/shm").used
 
     @staticmethod
@@ -100,7 +97,7 @@ class Sampler:
             return "trial"
         return "worker"
 
-    def sample(self) -> None:
+    def tick(self) -> None:
         total = 0
         try:
             procs = [self.root] + self.root.children(recursive=True)
@@ -127,19 +124,6 @@ class Sampler:
                 w["file"] = max(w.get("file", 0), rss - anon)
         self.peak["total"] = max(self.peak["total"], total)
         self.peak["shm"] = max(self.peak["shm"], shutil.disk_usage("/dev/shm").used - self.shm0)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "Sampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def by_role(self, role: str, what: str = "peak") -> list[int]:
         return sorted(w.get(what, 0) for w in self.workers.values() if w["role"] == role)
