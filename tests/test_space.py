@@ -218,3 +218,8 @@ def test_readme_method_list_matches_the_registry() -> None:
     row = next(line for line in (SPACES / "README.md").read_text().splitlines() if line.startswith("| `methods` |"))
     listed = re.findall(r"`([a-z_]+)`", row.split("|")[2])
     assert listed == list_methods()
+
+
+def test_readme_fault_table_counts_the_bad_cases() -> None:
+    readme = (SPACES.parent / "README.md").read_text()
+    assert f"| bad input: {len(BAD)} cases in one table" in readme
