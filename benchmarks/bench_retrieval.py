@@ -13,7 +13,7 @@ Compares, on the same random clustered data in one run (issue 5, item 1):
                           exact method must compute); full and in our chunks
   (d) matmul + argsort    (c) plus a full argsort of every row
   (e) ours                study.metrics.retrieval
-  (f) reference           study.metrics.retrieval_brute_force (shares our scores;
+  (f) reference           tests/reference.py retrieval_brute_force (shares our scores;
                           per-query stable argsort)
   (g) faiss top-k         faiss IndexFlatIP top-(5+1) search, own item dropped,
                           CMC top-1/5 only (no mAP: a top-k list cannot give it);
@@ -45,9 +45,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))   # the test reference
 
 import _common as C  # noqa: E402
-from study.metrics import _default_chunk, retrieval, retrieval_brute_force  # noqa: E402
+from reference import retrieval_brute_force  # noqa: E402
+from study.metrics import _default_chunk, retrieval  # noqa: E402
 
 TOPK = (1, 5)
 LARGE_N = 20_000

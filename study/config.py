@@ -36,45 +36,46 @@ class MethodSpec:
     forward: bool  # whether an affine F: R^d -> R^n is trained
     loss: str | None  # key of study.losses.LOSSES; None: nothing is trained
     regularizer: str | None  # key of study.regularizers.REGULARIZERS on W of B; None: none
+    order: int  # position in lists and report tables (the paper's table order: baselines first, lambda, affine)
     needs_lam: bool = False  # the config must give `lam`
     doc: str = ""
 
 
 METHODS: dict[str, MethodSpec] = {
     "orthogonal": MethodSpec(
-        "orthogonal", True, "compat", None,
+        "orthogonal", True, "compat", None, order=2,
         doc="B_perp = exp(P), P skew-symmetric, no bias; preserves the new space exactly (ZS = 0).",
     ),
     "affine": MethodSpec(
-        "affine", True, "compat", None,
+        "affine", True, "compat", None, order=6,
         doc="B(x) = W x + b unconstrained: lambda = infinity.",
     ),
     "lambda": MethodSpec(
-        "affine", True, "compat", "lambda", needs_lam=True,
+        "affine", True, "compat", "lambda", needs_lam=True, order=5,
         doc="affine B + sigmoid(alpha (D - lam)) D with D = ||W^T W - I||_F (the paper's method).",
     ),
     "soft_orthogonality": MethodSpec(
-        "affine", True, "compat", "soft_orthogonality",
+        "affine", True, "compat", "soft_orthogonality", order=3,
         doc="affine B + D(W) = ||W^T W - I||_F (SO baseline, the lambda = 0, alpha -> inf limit).",
     ),
     "srip": MethodSpec(
-        "affine", True, "compat", "srip",
+        "affine", True, "compat", "srip", order=4,
         doc="affine B + spectral norm of W^T W - I by power iteration (SRIP baseline).",
     ),
     "independent": MethodSpec(
-        None, False, None, None,
+        None, False, None, None, order=0,
         doc="no adapters: old/old, new/new, new/old only; F and B rows are NaN.",
     ),
     "fct": MethodSpec(
-        "identity", True, "fct", None,
+        "identity", True, "fct", None, order=1,
         doc="FCT: F trained with MSE to the raw new features; B is the identity (new features as they are).",
     ),
 }
 
 
 def list_methods() -> list[str]:
-    """Names of the registered methods, sorted."""
-    return sorted(METHODS)
+    """Names of the registered methods, by `MethodSpec.order` (then by name)."""
+    return sorted(METHODS, key=lambda name: (METHODS[name].order, name))
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -83,7 +83,10 @@ that every report has them; `eval_epoch` says when they were computed.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from study.config import TrialConfig
 
 ROWS: tuple[str, ...] = ("old/old", "new/new", "new/old", "F/old", "F/F", "B/F", "B/old", "B/B")
 """Retrieval rows, named query/gallery."""
@@ -212,6 +215,13 @@ def final_keys(zero_shot: Iterable[str] = (), topk: Sequence[int] = DEFAULT_TOPK
         *TIME_KEYS,
         EPOCH,
     ]
+
+
+def metric_keys(zero_shot: Iterable[str], config: TrialConfig) -> list[str]:
+    """Every key a trial of `config` with these zero-shot set names reports (final, then per-epoch only):
+    what a space's `optimize.metric` and `search.metrics` may name."""
+    final = final_keys(zero_shot, config.topk) + index_keys(config.index, config.topk)
+    return final + [k for k in EPOCH_KEYS if k not in final]
 
 
 ROW_KEYS: tuple[str, ...] = tuple(row_keys())

@@ -16,7 +16,7 @@ Scores.
     Euclidean distance, ``-(||q||^2 - 2 q.g + ||g||^2)``, computed in float32
     as ``2 (q.g) - ||q||^2 - ||g||^2``. Higher score = closer. The similarity
     block for a chunk of queries is one float32 matmul (BLAS); the fast path
-    (:func:`retrieval`) and the reference (:func:`retrieval_brute_force`) get
+    (:func:`retrieval`) and the test reference (``tests/reference.py``) get
     their scores from the same helper, so two items that tie in one tie in the
     other and both rank exactly the same numbers. (A per-query matrix-vector
     product, as public code does it, or a block of another shape, can differ
@@ -87,7 +87,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DISTANCES",
     "retrieval",
-    "retrieval_brute_force",
     "backfill_order",
     "backfill_curve",
     "backfill_curves",
@@ -241,45 +240,6 @@ def _summarise(first_rank: np.ndarray, ap: np.ndarray, has_pos: np.ndarray,
 
 
 # --------------------------------------------------------------------------
-# Reference: per-query stable argsort + textbook AP
-# --------------------------------------------------------------------------
-
-def retrieval_brute_force(query, gallery, query_labels, gallery_labels, *,
-                          leave_one_out: bool, distance: str = "cosine",
-                          topk: Sequence[int] = (1, 5),
-                          chunk_size: int | None = None) -> dict[str, float]:
-    """Reference implementation of :func:`retrieval`, for tests and benchmarks.
-
-    Per query: the score row (from the same blocks as the fast path), gallery
-    item i dropped when leave-one-out, ``argsort(-scores, kind="stable")``,
-    then CMC and AP read off the full ranking. Same conventions and output as
-    :func:`retrieval`; O(N log N) per query.
-    """
-    q, g, same, ql, gl, ks = _validate(query, gallery, query_labels, gallery_labels,
-                                       leave_one_out, distance, topk)
-    n = q.shape[0]
-    first = np.zeros(n, dtype=np.int64)
-    ap = np.zeros(n, dtype=np.float64)
-    has_pos = np.zeros(n, dtype=bool)
-    for q0, block in _score_blocks(q, g, same, distance, chunk_size):
-        for r in range(block.shape[0]):
-            i = q0 + r
-            s = block[r]
-            rel = gl == ql[i]
-            if leave_one_out:
-                s = np.delete(s, i)
-                rel = np.delete(rel, i)
-            order = np.argsort(-s, kind="stable")
-            hits = np.flatnonzero(rel[order])
-            if hits.size == 0:
-                continue
-            has_pos[i] = True
-            first[i] = hits[0] + 1
-            ap[i] = np.mean(np.arange(1, hits.size + 1) / (hits + 1.0))
-    return _summarise(first, ap, has_pos, ks)
-
-
-# --------------------------------------------------------------------------
 # Fast exact path
 # --------------------------------------------------------------------------
 
@@ -387,7 +347,7 @@ def retrieval(query, gallery, query_labels, gallery_labels, *, leave_one_out: bo
             32 MiB (at least 64 rows). Results are reproducible for a given
             chunk size; BLAS may round a score differently (last bit) for
             another block shape, which can reorder near-ties between
-            chunkings. :func:`retrieval_brute_force` with the same
+            chunkings. The test reference (``tests/reference.py``) with the same
             ``chunk_size`` sees bit-identical scores.
         num_threads: threads for the per-block ranking (default: usable CPUs,
             capped by ``OMP_NUM_THREADS`` when set, and by 8). Results do not

@@ -23,6 +23,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     sys.path.pop(0)  # see study/run.py: never let study/ shadow top-level packages
 
 from study import keys as K  # noqa: E402
+from study.config import METHODS  # noqa: E402
 
 # The paper's rows, in the paper's order, with short column labels.
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -30,7 +31,6 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("B/B/top1", "B/B"), ("F/F/top1", "F/F"), (K.ZS_MEAN, "ZS"), (K.ORTH, "||WtW-I||"),
     (K.BACKFILL_AUC_PAPER, "backfill"), (K.BACKFILL_AUC_RANDOM, "backfill(rand)"), ("ecc/B/old", "ECC"),
 )
-METHOD_ORDER = ("independent", "fct", "orthogonal", "soft_orthogonality", "srip", "lambda", "affine")
 
 
 @dataclass
@@ -71,9 +71,7 @@ def _group_key(run: Any) -> tuple[str, str, str, str]:
 
 def _sort_key(key: tuple[str, str, str, str]) -> tuple:
     pair, ds, method, lam = key
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    if method == "affine":
-        rank = METHOD_ORDER.index("lambda") + 0.5
+    rank = METHODS[method].order if method in METHODS else math.inf   # rows of unknown methods last
     return (pair, ds, rank, float(lam) if lam else -1.0)
 
 

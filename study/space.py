@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 import yaml
 
-from study.config import TrialConfig
+from study import keys as K
+from study.config import TrialConfig, list_methods
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-ADAPTER_METHODS = ("orthogonal", "affine", "lambda", "soft_orthogonality", "srip", "fct", "independent")
 SCHEDULERS = ("none", "asha")
 SEARCHES = ("grid", "optuna")
 MODES = ("max", "min")
@@ -149,6 +149,19 @@ class StudySpec:
                     out.append(cfg)
         return out
 
+    def trial_table(self) -> dict[str, dict[str, Any]]:
+        """The grid's trials by `trial_name`; ValueError when two grid points would share a name."""
+        table: dict[str, dict[str, Any]] = {}
+        for cfg in self.trials():
+            name = trial_name(cfg)
+            if name in table:
+                other = table[name]
+                diff = ", ".join(f"{k} {other[k]!r} and {cfg[k]!r}" for k in cfg if cfg[k] != other[k])
+                raise ValueError(f"two grid points ({diff}) get the same trial name `{name}` "
+                                 "(numbers keep 6 significant digits in it): make them differ there")
+            table[name] = cfg
+        return table
+
     def feature_keys(self) -> list[FeatureKey]:
         """Unique (backbone, data set, split) keys the study needs, sorted."""
         keys = set()
@@ -242,6 +255,14 @@ class _Checker:
             raise self.fail(keypath, "must not be empty")
         return tuple(item(v, f"{keypath}[{i}]") for i, v in enumerate(value))
 
+    def unique(self, values: list[Any], keypath: str) -> None:
+        """Refuse a value listed twice (it would make the same trials twice, or merge them)."""
+        for i, v in enumerate(values):
+            if v in values[:i]:
+                shown = f"{v:g}" if isinstance(v, float) else str(v)
+                raise self.fail(f"{keypath}[{i}]", f"`{shown}` is listed twice (also {keypath}[{values.index(v)}]): "
+                                "list each value once")
+
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
@@ -262,7 +283,7 @@ TOP_KEYS = {
     "pairs": "list of {old, new[, zero_shot]}",
     "datasets": "list of {name, train, eval}",
     "zero_shot": "list of data set names or {name, split}",
-    "methods": f"list of {ADAPTER_METHODS}",
+    "methods": "list of method names (study.config.METHODS)",
     "lambdas": "list of numbers >= 0 (method `lambda`)",
     "alpha": "number > 0 or list of them",
     "seeds": "list of integers",
@@ -338,15 +359,18 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
         return ZeroShotSet(ds, split)
 
     zero_shot = c.seq(top.get("zero_shot", []), "zero_shot", zero_shot_item, nonempty=False)
+    c.unique([z.dataset for z in zero_shot], "zero_shot")
 
     def pair_item(v: Any, kp: str) -> Pair:
         m = c.mapping(v, kp, {"old": "", "new": "", "zero_shot": ""}, required=("old", "new"))
         zs = None
         if "zero_shot" in m:
             zs = c.seq(m["zero_shot"], f"{kp}.zero_shot", zero_shot_item, nonempty=False)
+            c.unique([z.dataset for z in zs], f"{kp}.zero_shot")
         return Pair(backbone(m["old"], f"{kp}.old"), backbone(m["new"], f"{kp}.new"), zs)
 
     pairs = c.seq(top["pairs"], "pairs", pair_item)
+    c.unique([p.name for p in pairs], "pairs")
 
     def downstream_item(v: Any, kp: str) -> Downstream:
         m = c.mapping(v, kp, {"name": "", "train": "", "eval": ""}, required=("name",))
@@ -358,13 +382,15 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
         return Downstream(ds, train, ev)
 
     datasets = c.seq(top["datasets"], "datasets", downstream_item)
-    methods = c.seq(top["methods"], "methods", lambda v, kp: c.choice(v, kp, ADAPTER_METHODS))
-    if len(set(methods)) != len(methods):
-        raise c.fail("methods", "lists a method twice")
+    c.unique([d.dataset for d in datasets], "datasets")
+    methods = c.seq(top["methods"], "methods", lambda v, kp: c.choice(v, kp, list_methods()))
+    c.unique(list(methods), "methods")
     lambdas = c.seq(top.get("lambdas", []), "lambdas", lambda v, kp: c.number(v, kp, low=0.0), nonempty=False)
     alphas = c.seq(top.get("alpha", TrialConfig.__dataclass_fields__["alpha"].default), "alpha",
                    lambda v, kp: c.number(v, kp, low=0.0, low_open=True), allow_scalar=True)
     seeds = c.seq(top["seeds"], "seeds", lambda v, kp: c.integer(v, kp, low=0))
+    for values, keypath in ((lambdas, "lambdas"), (alphas, "alpha"), (seeds, "seeds")):
+        c.unique(list(values), keypath)
 
     train = c.typed(top.get("train", {}) or {}, "train", dict, "a mapping")
     for key in train:
@@ -372,20 +398,26 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
             raise c.fail(f"train.{key}", "is set per trial from the top-level keys methods/lambdas/alpha/seeds, not in `train`")
     if "index" in train:
         raise c.fail("train.index", "is set from the top-level `index:` section, not in `train`")
+    c.mapping(train, "train", {f: "" for f in TrialConfig.__dataclass_fields__ if f not in (*TRIAL_KEYS, "index")})
     try:
-        TrialConfig.from_dict({**train, "method": "affine"})
+        train_cfg = TrialConfig.from_dict({**train, "method": "affine"}, path="train")
     except (ValueError, TypeError) as err:
-        raise c.fail("train", str(err)) from None
+        raise c.fail("", str(err)) from None
     index = _index_section(c, top.get("index", []), pairs, datasets, train.get("distance", TrialConfig.distance))
     if index:
         train = {**train, "index": [spec.to_dict() for spec in index]}
+        train_cfg = TrialConfig.from_dict({**train, "method": "affine"}, path="train")
 
     resources = c.mapping(top.get("resources", {}) or {}, "resources", {"cpu": "", "gpu": ""})
     cpu = c.number(resources.get("cpu", 1), "resources.cpu", low=0.0, low_open=True)
     gpu = c.number(resources.get("gpu", 0), "resources.gpu", low=0.0, high=1.0)
 
     opt = c.mapping(top.get("optimize", {}) or {}, "optimize", {"metric": "", "mode": ""})
-    metric = c.typed(opt.get("metric", "B/old/top1"), "optimize.metric", str, "a metric key (see study/keys.py)")
+    # Metric keys every trial reports (study/keys.py); zero-shot keys are named after each pair's sets.
+    per_pair = [K.metric_keys([z.dataset for z in (zero_shot if p.zero_shot is None else p.zero_shot)], train_cfg)
+                for p in pairs]
+    metric_names = [k for k in per_pair[0] if all(k in other for other in per_pair[1:])]
+    metric = c.choice(opt.get("metric", "B/old/top1"), "optimize.metric", metric_names)
     mode = c.choice(opt.get("mode", "max"), "optimize.mode", MODES)
 
     sch = c.mapping(top.get("scheduler", {}) or {}, "scheduler", {"kind": "", "grace_period": "", "reduction_factor": ""})
@@ -403,7 +435,7 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
         lam=_range(c, se.get("lambda", [0.0, 40.0]), "search.lambda", low=0.0, low_open=False),
         alpha=_range(c, se.get("alpha", [0.1, 10.0]), "search.alpha", low=0.0, low_open=True),
         metrics=c.seq(se.get("metrics", ["B/old/top1", "zs/mean"]), "search.metrics",
-                      lambda v, kp: c.typed(v, kp, str, "a metric key")),
+                      lambda v, kp: c.choice(v, kp, metric_names)),
         modes=c.seq(se.get("modes", ["max", "max"]), "search.modes", lambda v, kp: c.choice(v, kp, MODES)),
     )
     if len(search.metrics) != len(search.modes):
@@ -444,8 +476,13 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
         scheduler=scheduler, search=search, max_concurrent=max_concurrent, max_failures=max_failures,
         description=description, feature_dtype=feature_dtype,
     )
-    if search.kind == "grid" and not spec.trials():
-        raise c.fail("", "the grid is empty")
+    if search.kind == "grid":
+        try:
+            table = spec.trial_table()
+        except ValueError as err:
+            raise c.fail("", str(err)) from None
+        if not table:
+            raise c.fail("", "the grid is empty")
     return spec
 
 

@@ -35,7 +35,6 @@ _RAY_KEYS = {
 }
 GRID_KEY = "trial"
 ENV_FORWARD = ("HF_HUB_OFFLINE", "LAMBDA_COMPAT_CACHE", "LAMBDA_COMPAT_NODE_CACHE", "LAMBDA_COMPAT_DATA",
-               "LAMBDA_COMPAT_FAULT",
                "MALLOC_ARENA_MAX")
 # glibc gives every thread its own malloc arena and keeps freed blocks there: a trial's workers
 # held ~250 MB of freed memory each with the default (benchmarks/bench_memory.py). With two,
@@ -226,7 +225,6 @@ def run_one(config: dict[str, Any], features: FeatureHandles, table: TrialTable)
 
     config = table.resolve(config)
     data = trial_data(config, features)
-    _inject_fault(config)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         # A searcher scores every report and per-epoch reports lack the final-only keys
@@ -248,13 +246,6 @@ def run_one(config: dict[str, Any], features: FeatureHandles, table: TrialTable)
         (Path(tmp) / "curves.json").write_text(json.dumps(result.curves))
         (Path(tmp) / "metrics.json").write_text(json.dumps(final))
         tune.report({**final, **node}, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-
-def _inject_fault(config: dict[str, Any]) -> None:
-    """Test hook: LAMBDA_COMPAT_FAULT='raise:<method>' makes matching trials raise."""
-    fault = os.environ.get("LAMBDA_COMPAT_FAULT", "")
-    if fault.startswith("raise:") and config["method"] == fault.split(":", 1)[1]:
-        raise RuntimeError(f"injected fault for method {config['method']}")
 
 
 # ---------------------------------------------------------------------------
@@ -379,7 +370,7 @@ class Experiment:
 def experiments(spec: StudySpec) -> list[Experiment]:
     """The Tune experiments of a study: one grid, or one Optuna search per (pair, data set, seed) cell."""
     if spec.search.kind == "grid":
-        table = TrialTable({trial_name(t): t for t in spec.trials()})
+        table = TrialTable(spec.trial_table())
         return [Experiment(spec.name, {GRID_KEY: tune.grid_search(list(table.base))}, table, len(table.base))]
     from ray.tune.search.optuna import OptunaSearch
     out = []

@@ -10,7 +10,8 @@ import pytest
 
 from study import metrics
 from study.metrics import (ac_am, backfill_curve, backfill_order, compatibility_matrix,
-                           curve_area, ecc, ecc_margin, retrieval, retrieval_brute_force)
+                           curve_area, ecc, ecc_margin, retrieval)
+from reference import retrieval_brute_force
 
 
 def _tied_data(seed: int, n: int = 120, d: int = 3, classes: int = 9):

@@ -9,7 +9,8 @@ import torch
 from study import _metrics_torch as T
 from study import metrics
 from study import keys as K
-from study.metrics import backfill_curve, backfill_curves, backfill_order, retrieval, retrieval_brute_force
+from study.metrics import backfill_curve, backfill_curves, backfill_order, retrieval
+from reference import retrieval_brute_force
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

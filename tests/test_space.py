@@ -1,6 +1,7 @@
 """Search-space validation: the shipped spaces parse, bad input exits 2 with one clear line and writes nothing."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def test_grid_expansion_counts() -> None:
     trials = spec.trials()
     assert len(trials) == expected
     assert len({(t["pair"], t["dataset"], t["method"], t["lam"], t["alpha"], t["seed"]) for t in trials}) == expected
+    assert list(spec.trial_table().values()) == trials   # one entry per trial, in grid order
     # Each unique key once; old and new of both splits plus zero-shot sets of the new model.
     keys = spec.feature_keys()
     assert len(keys) == len(set(keys))
@@ -74,8 +76,8 @@ BAD = [
     ("seed-bool", _with(seeds=[True]), ["seeds[0]", "boolean"]),
     ("dims-independent", _with(methods=["independent"]), ["pairs[0]", "d=128", "n=256"]),
     ("unknown-method", _with(methods=["orthgonal"]), ["methods[0]", "did you mean `orthogonal`"]),
-    ("train-unknown-key", _with(train={"epoch": 3}), ["train", "epoch"]),
-    ("train-wrong-type", _with(train={"epochs": "three"}), ["train", "epochs"]),
+    ("train-unknown-key", _with(train={"epoch": 3}), ["train.epoch", "did you mean `epochs`", "eval_every"]),
+    ("train-wrong-type", _with(train={"epochs": "three"}), ["train.epochs", "integer"]),
     ("train-per-trial-key", _with(train={"seed": 3}), ["train.seed", "per trial"]),
     ("mode-unknown", _with(optimize={"metric": "B/old/top1", "mode": "maximize"}), ["optimize.mode", "max, min"]),
     ("scheduler-unknown", _with(scheduler={"kind": "pbt"}), ["scheduler.kind", "none, asha"]),
@@ -95,6 +97,24 @@ BAD = [
     ("synthetic-bad-sizes", _with(datasets=[{"name": "synthetic-c1-train10-test10"}]), ["datasets[0].name", ">= 2 classes"]),
     ("synthetic-misspelt", _with(datasets=[{"name": "synthetic-c10-train10"}]),
      ["datasets[0].name", "synthetic-c<classes>-train<N>-test<M>"]),
+    ("duplicate-lambda", _with(lambdas=[1, 3, 3.0]), ["lambdas[2]", "`3` is listed twice", "lambdas[1]"]),
+    ("duplicate-alpha", _with(alpha=[10, 10]), ["alpha[1]", "`10` is listed twice"]),
+    ("duplicate-seed", _with(seeds=[0, 1, 0]), ["seeds[2]", "`0` is listed twice"]),
+    ("duplicate-method", _with(methods=["lambda", "affine", "lambda"]), ["methods[2]", "`lambda` is listed twice"]),
+    ("duplicate-pair", _with(pairs=[{"old": "mnist_old", "new": "mnist_new"}] * 2),
+     ["pairs[1]", "`mnist_old->mnist_new` is listed twice"]),
+    ("duplicate-dataset", _with(datasets=[{"name": "mnist"}, {"name": "mnist", "train": "test", "eval": "train"}]),
+     ["datasets[1]", "`mnist` is listed twice"]),
+    ("duplicate-zero-shot", _with(zero_shot=["digits", {"name": "digits", "split": "train"}]),
+     ["zero_shot[1]", "`digits` is listed twice"]),
+    ("lambdas-same-trial-name", _with(lambdas=[3, 3.0000001]),
+     ["same trial name", "lambda3", "lam 3.0 and 3.0000001", "6 significant digits"]),
+    ("alphas-same-trial-name", _with(alpha=[10, 10.000001]), ["same trial name", "alpha 10.0 and 10.000001"]),
+    ("metric-typo", _with(optimize={"metric": "B/old/top7"}), ["optimize.metric", "B/old/top7", "did you mean `B/old/top"]),
+    ("metric-unknown-zero-shot-set", _with(optimize={"metric": "zs/digit"}), ["optimize.metric", "did you mean `zs/digits`"]),
+    ("metric-topk-not-computed", _with(optimize={"metric": "B/old/top10"}), ["optimize.metric", "B/old/top10"]),
+    ("search-metric-typo", _with(search={"metrics": ["B/old/top1", "zs/maen"], "modes": ["max", "max"]}),
+     ["search.metrics[1]", "did you mean `zs/mean`"]),
     ("synthetic-backbone-real-data", _with(pairs=[{"old": "synthetic_128", "new": "synthetic_256"}]),
      ["pairs[0].old", "synthetic_128", "only synthetic", "mnist"]),
 ]
@@ -175,3 +195,52 @@ def test_index_section_reaches_every_trial_config() -> None:
         assert [s.name for s in cfg.index] == ["Flat", "IVF64_Flat", "IVF64_PQ16", "HNSW32"]
         assert cfg.index[2].nprobe == 8 and cfg.index[3].efSearch == 64
     assert "index" not in load_space(SPACES / "smoke.yaml").train
+
+
+def test_metric_keys_follow_the_space(tmp_path) -> None:
+    """A zero-shot set's keys and a `train.topk` k are accepted as metrics; the check uses study.keys."""
+    spec = load_space(_write(tmp_path, _with(optimize={"metric": "zs/digits/B_top1"}, train={"topk": [1, 10]},
+                                             search={"metrics": ["B/old/top10", "zs/digits"], "modes": ["max", "max"]})))
+    assert spec.metric == "zs/digits/B_top1" and spec.search.metrics == ("B/old/top10", "zs/digits")
+
+
+def test_per_pair_zero_shot_metric_must_hold_for_every_pair(tmp_path) -> None:
+    """`zs/digits` when only the second pair evaluates digits: not a key every trial reports."""
+    space = _with(pairs=[{"old": "mnist_old", "new": "mnist_new", "zero_shot": []},
+                         {"old": "mnist_old", "new": "mnist_old"}], optimize={"metric": "zs/digits"})
+    with pytest.raises(SpaceError, match=r"optimize\.metric.*zs/digits"):
+        load_space(_write(tmp_path, space))
+
+
+def test_train_error_lists_only_keys_allowed_under_train(tmp_path) -> None:
+    with pytest.raises(SpaceError) as err:
+        load_space(_write(tmp_path, _with(train={"epoch": 3})))
+    allowed = set(str(err.value).split("allowed: ", 1)[1].split(", "))
+    assert {"epochs", "lr", "topk"} <= allowed
+    assert not allowed & {"method", "lam", "alpha", "seed"}
+
+
+def test_a_method_registered_alone_is_accepted_and_ordered(tmp_path, monkeypatch) -> None:
+    """The parser and the report take method names and order from study.config.METHODS."""
+    from study.config import METHODS, MethodSpec
+    from study.report import _sort_key
+
+    monkeypatch.setitem(METHODS, "affine_twin", MethodSpec("affine", True, "compat", None, order=-1))
+    spec = load_space(_write(tmp_path, _with(methods=["affine_twin", "lambda"])))
+    assert spec.methods == ("affine_twin", "lambda")
+    cell = ("mnist_old->mnist_new", "mnist")
+    assert sorted([(*cell, "lambda", "1"), (*cell, "affine_twin", "")], key=_sort_key)[0][2] == "affine_twin"
+
+
+def test_readme_method_list_matches_the_registry() -> None:
+    """search_spaces/README.md lists every registered method, in registry order, and nothing else."""
+    from study.config import list_methods
+
+    row = next(line for line in (SPACES / "README.md").read_text().splitlines() if line.startswith("| `methods` |"))
+    listed = re.findall(r"`([a-z_]+)`", row.split("|")[2])
+    assert listed == list_methods()
+
+
+def test_readme_fault_table_counts_the_bad_cases() -> None:
+    readme = (SPACES.parent / "README.md").read_text()
+    assert f"| bad input: {len(BAD)} cases in one table" in readme

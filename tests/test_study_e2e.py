@@ -17,6 +17,7 @@ from study.report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
+FAILING_METHOD = ROOT / "tests" / "failing_method"   # a sitecustomize.py that registers method `failing`
 N_SMOKE_TRIALS = 3
 
 
@@ -85,12 +86,19 @@ def test_rerun_of_a_finished_study_adds_nothing(finished_study: Path) -> None:
 
 
 def test_failed_trial_is_a_failed_child_and_exit_code_3(tmp_path: Path) -> None:
-    proc = run_cli(tmp_path, env={"LAMBDA_COMPAT_FAULT": "raise:affine"})
+    """Method `failing` (tests/failing_method/sitecustomize.py: registered in the driver and in the Ray
+    workers through PYTHONPATH) raises in its loss; the study's other trials are untouched."""
+    space = yaml.safe_load(SMOKE.read_text())
+    space["methods"] = ["orthogonal", "failing", "lambda"]
+    path = tmp_path / "smoke_failing.yaml"
+    path.write_text(yaml.safe_dump(space))
+    pythonpath = os.pathsep.join(p for p in (str(FAILING_METHOD), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    proc = run_cli(tmp_path, "--space", str(path), env={"PYTHONPATH": pythonpath})
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "finished with failures" in proc.stderr
     status = {r.data.tags["method"]: r for r in children(tmp_path)}
-    assert status["affine"].info.status == "FAILED"
-    assert "injected fault" in status["affine"].data.tags["lc.error"]
+    assert status["failing"].info.status == "FAILED"
+    assert "injected fault" in status["failing"].data.tags["lc.error"]
     assert status["orthogonal"].info.status == status["lambda"].info.status == "FINISHED"
 
 
