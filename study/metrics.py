@@ -107,6 +107,11 @@ BACKFILL_ORDERS = ("paper", "random")
 _BLOCK_ELEMS = 1 << 23
 _MIN_CHUNK = 64
 
+FAISS_TOP1_MIN_ROWS = 10_000  # a CPU trial scores a top-1-only set (zero-shot retention, cosine) this large
+#   or larger through faiss's IndexFlatIP (`study.index_eval.top1_leave_one_out`, same tie rule): 1.68x faster
+#   than this module's full ranking at N = 10,000 and 3.9x at 100,000, D = 1280 (benchmarks/results/
+#   retrieval_faiss_10k.json, retrieval_100k.json). Smaller sets stay here (faiss not measured faster there)
+
 
 # --------------------------------------------------------------------------
 # Input checks and the shared similarity computation

@@ -294,19 +294,25 @@ def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None
     out: dict[str, float] = {}
     deltas = []
     on = _metrics_device(device)
+
+    def top1(x: np.ndarray, labels: np.ndarray) -> float:
+        if on is None and cfg.distance == "cosine" and len(x) >= metrics.FAISS_TOP1_MIN_ROWS:
+            from study import index_eval  # faiss: the faster tool for a large top-1-only set
+
+            return index_eval.top1_leave_one_out(x, labels, num_threads=cfg.num_threads)
+        return float(metrics.retrieval(x, x, labels, labels, leave_one_out=True, distance=cfg.distance,
+                                       topk=(1,), device=on)["top1"])
+
     for name, feats in zero_shot.items():
         z, y = _tensor(feats, normalize, device, shift)
         yn = y.cpu().numpy()
-        new_top1 = float(metrics.retrieval(_np(z), _np(z), yn, yn, leave_one_out=True,
-                                           distance=cfg.distance, topk=(1,), device=on)["top1"])
+        new_top1 = top1(_np(z), yn)
         if B is None:
             b_top1 = NAN
         elif B.identity:
             b_top1 = new_top1
         else:
-            bz = _np(B(z))
-            b_top1 = float(metrics.retrieval(bz, bz, yn, yn, leave_one_out=True,
-                                             distance=cfg.distance, topk=(1,), device=on)["top1"])
+            b_top1 = top1(_np(B(z)), yn)
         out[f"zs/{name}"] = b_top1 - new_top1
         out[f"zs/{name}/new_top1"] = new_top1
         out[f"zs/{name}/B_top1"] = b_top1

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from study import keys as K
-from study import metrics
+from study import index_eval, metrics
 from study.index_eval import (
     DeployedIndex,
     IndexSpec,
@@ -205,3 +205,40 @@ def test_report_index_drop_is_exact_minus_index_mean_over_seeds(tmp_path) -> Non
     assert math.isnan(affine["backfill"][0])
     assert "| a->b | mnist | affine | - | IVF4_PQ8 | 2.00 ± 0.00 | 6.00 ± 1.00 |" in index_markdown(rows)
     assert plot_index_drop(rows, tmp_path / "drop.png") and (tmp_path / "drop.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("candidates", [1, 8])
+def test_faiss_top1_equals_the_exact_path_ties_included(candidates):
+    """Top-1-only retrieval through IndexFlatIP keeps the exact path's tie rule (lower index first):
+    rows drawn from a few integer vectors tie exactly and often; candidates=1 forces the exact fallback."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(-2, 3, size=(6, 8)).astype(np.float32)
+    x = base[rng.integers(0, 6, size=300)]
+    y = rng.integers(0, 4, size=300)
+    y[:3] = [7, 8, 9]  # queries without a positive are skipped
+    want = metrics.retrieval(x, x, y, y, leave_one_out=True, topk=(1,))["top1"]
+    assert index_eval.top1_leave_one_out(x, y, candidates=candidates) == want
+    z = rng.normal(size=(500, 16)).astype(np.float32)
+    yz = rng.integers(0, 10, size=500)
+    assert index_eval.top1_leave_one_out(z, yz) == metrics.retrieval(z, z, yz, yz, leave_one_out=True, topk=(1,))["top1"]
+
+
+def test_a_large_zero_shot_set_is_scored_by_faiss_with_the_same_result(monkeypatch) -> None:
+    """A CPU trial's top-1-only zero-shot score goes through faiss from FAISS_TOP1_MIN_ROWS rows on."""
+    from study.trial import TrialData, run_trial
+
+    xo, y = _clustered(400, 16, 5, 1)
+    xn, _ = _clustered(400, 16, 5, 2)
+    xz, yz = _clustered(300, 16, 7, 3)
+    data = TrialData(_F(xo[:250], y[:250]), _F(xn[:250], y[:250]), _F(xo[250:], y[250:]), _F(xn[250:], y[250:]),
+                     {"z": _F(xz, yz)})
+    cfg = {"method": "lambda", "lam": 3.0, "epochs": 2, "backfill_points": 3}
+    exact = run_trial(cfg, data).metrics
+    calls: list[int] = []
+    real = index_eval.top1_leave_one_out
+    monkeypatch.setattr(index_eval, "top1_leave_one_out", lambda x, labels, **kw: calls.append(len(x)) or real(x, labels, **kw))
+    monkeypatch.setattr(metrics, "FAISS_TOP1_MIN_ROWS", 300)
+    via_faiss = run_trial(cfg, data).metrics
+    assert calls == [300, 300]  # new/new and B(new)/B(new) of the zero-shot set
+    for key in ("zs/z", "zs/z/new_top1", "zs/z/B_top1", "zs/mean"):
+        assert via_faiss[key] == exact[key], key
