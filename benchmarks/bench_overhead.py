@@ -127,20 +127,7 @@ def calibrate(spec, store, repeat: int) -> dict:
     from study.trial import run_trial
 
     cfg = spec.trials()[0]
-    feats = {k: C.FeatureArrays(*v) for k, v in store.items()}
-    from study.space import FeatureKey
-    from study.trial import TrialData
-
-    def f(b, ds, split):
-        return feats[str(FeatureKey(b, ds, split))]
-
-    zs = {}
-    for item in cfg["zero_shot"]:
-        ds, split = item.split(":")
-        zs[ds] = f(cfg["new"], ds, split)
-    data = TrialData(f(cfg["old"], cfg["dataset"], cfg["train_split"]), f(cfg["new"], cfg["dataset"], cfg["train_split"]),
-                     f(cfg["old"], cfg["dataset"], cfg["eval_split"]), f(cfg["new"], cfg["dataset"], cfg["eval_split"]),
-                     zero_shot=zs)
+    data = st.trial_data(cfg, store)   # the trial's own keys, memory-mapped, as a Ray trial opens them
     old_threads, old_omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"   # study.metrics sizes its thread pool from it, as in a trial
     torch.set_num_threads(1)

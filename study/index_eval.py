@@ -454,20 +454,25 @@ def evaluate(specs: Sequence[IndexSpec], *, y: np.ndarray, old_train: np.ndarray
 # faiss where it is the faster tool: top-1-only retrieval of large sets
 # ---------------------------------------------------------------------------
 
-def top1_leave_one_out(x: np.ndarray, labels: Any, *, candidates: int = 8, num_threads: int | None = None) -> float:
-    """CMC top-1 (percent) of a set against itself, cosine, leave-one-out, through a faiss `IndexFlatIP`,
-    with the exact path's rule: among equal scores the lower index ranks first, and queries without a
-    positive are skipped (`study.metrics.retrieval`). Each query takes its `candidates` best hits; where
-    every returned hit ties with the best one (the tie group may go on past them) the query is scored
-    exactly. Scores are faiss's float32 BLAS products: a near-tie may round differently from
-    `study.metrics`' blocks (float noise, as between two chunkings there)."""
-    xs = _prepare(x, "cosine")
+def top1_leave_one_out(query: np.ndarray, gallery: np.ndarray, labels: Any, *, candidates: int = 8,
+                       num_threads: int | None = None) -> float:
+    """CMC top-1 (percent), cosine, leave-one-out (query i and gallery item i are the same image, as in
+    every row of a trial), through a faiss `IndexFlatIP`, with the exact path's rule: among equal scores
+    the lower index ranks first, and queries without a positive are skipped (`study.metrics.retrieval`).
+    Each query takes its `candidates` best hits; where every returned hit ties with the best one (the tie
+    group may go on past them) the query is scored exactly. Scores are faiss's float32 BLAS products: a
+    near-tie may round differently from `study.metrics`' blocks (float noise, as between two chunkings)."""
+    q = _prepare(query, "cosine")
+    g = q if gallery is query else _prepare(gallery, "cosine")
     y = np.asarray(labels)
-    n = xs.shape[0]
-    flat = faiss.IndexFlatIP(xs.shape[1])
-    flat.add(xs)
+    n = g.shape[0]
+    if q.shape != g.shape or y.shape != (n,):
+        raise ValueError(f"leave-one-out needs query and gallery of one shape and a label each, got {q.shape}, "
+                         f"{g.shape} and {y.shape}")
+    flat = faiss.IndexFlatIP(g.shape[1])
+    flat.add(g)
     with index_threads(num_threads):
-        scores, ids = flat.search(xs, min(n, candidates + 1))
+        scores, ids = flat.search(q, min(n, candidates + 1))
     own = (ids == np.arange(n)[:, None]) | (ids < 0)
     scores = np.where(own, -np.inf, scores)
     best = scores.max(axis=1)
@@ -475,7 +480,7 @@ def top1_leave_one_out(x: np.ndarray, labels: Any, *, candidates: int = 8, num_t
     top = np.where(tied, ids, n).min(axis=1)  # the lowest index among the best-scoring hits
     open_group = (tied | own).all(axis=1) & (scores.shape[1] < n)
     for r in np.flatnonzero(open_group):  # a tie group that may continue past the returned hits
-        row = xs @ xs[r]
+        row = g @ q[r]
         row[r] = -np.inf
         top[r] = int(np.argmax(row))  # the first maximum: the lowest index
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)

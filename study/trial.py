@@ -233,6 +233,19 @@ def _np(x: Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy()
 
 
+def _top1(cfg: TrialConfig, query: np.ndarray, gallery: np.ndarray, labels: np.ndarray,
+          device: torch.device | None) -> float:
+    """Leave-one-out CMC top-1 alone (zero-shot retention, the cheap per-epoch rows): through faiss on a
+    CPU trial with cosine from `metrics.FAISS_TOP1_MIN_ROWS` rows on (where it measured faster; same
+    tie rule), else `metrics.retrieval`."""
+    if device is None and cfg.distance == "cosine" and len(gallery) >= metrics.FAISS_TOP1_MIN_ROWS:
+        from study import index_eval  # imports faiss
+
+        return index_eval.top1_leave_one_out(query, gallery, labels, num_threads=cfg.num_threads)
+    return float(metrics.retrieval(query, gallery, labels, labels, leave_one_out=True, distance=cfg.distance,
+                                   topk=(1,), device=device)["top1"])
+
+
 def _metrics_device(device: torch.device) -> torch.device | None:
     """The `device` of `study.metrics`: a CUDA trial's evaluation runs there (the torch path),
     a CPU trial's in NumPy (faster on a CPU: benchmarks/results/eval_paths.json)."""
@@ -251,6 +264,8 @@ class _Evaluator:
         self.device = _metrics_device(old.device)
 
     def _score(self, query: np.ndarray, gallery: np.ndarray, topk=None) -> dict[str, float]:
+        if topk is not None and tuple(topk) == (1,):  # the cheap per-epoch rows: top-1 alone, no mAP
+            return {"top1": _top1(self.cfg, query, gallery, self.y, self.device)}
         return metrics.retrieval(
             query, gallery, self.y, self.y, leave_one_out=True,
             distance=self.cfg.distance, topk=topk or self.cfg.topk, device=self.device,
@@ -285,7 +300,7 @@ class _Evaluator:
                 continue
             q, g = pair
             res = self._score(q, g, topk)
-            out.update({f"{row}/{s}": float(res[s]) for s in stats})
+            out.update({f"{row}/{s}": float(res.get(s, NAN)) for s in stats})
         return out
 
 
@@ -296,12 +311,7 @@ def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None
     on = _metrics_device(device)
 
     def top1(x: np.ndarray, labels: np.ndarray) -> float:
-        if on is None and cfg.distance == "cosine" and len(x) >= metrics.FAISS_TOP1_MIN_ROWS:
-            from study import index_eval  # faiss: the faster tool for a large top-1-only set
-
-            return index_eval.top1_leave_one_out(x, labels, num_threads=cfg.num_threads)
-        return float(metrics.retrieval(x, x, labels, labels, leave_one_out=True, distance=cfg.distance,
-                                       topk=(1,), device=on)["top1"])
+        return _top1(cfg, x, x, labels, on)
 
     for name, feats in zero_shot.items():
         z, y = _tensor(feats, normalize, device, shift)

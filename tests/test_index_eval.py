@@ -217,14 +217,19 @@ def test_faiss_top1_equals_the_exact_path_ties_included(candidates):
     y = rng.integers(0, 4, size=300)
     y[:3] = [7, 8, 9]  # queries without a positive are skipped
     want = metrics.retrieval(x, x, y, y, leave_one_out=True, topk=(1,))["top1"]
-    assert index_eval.top1_leave_one_out(x, y, candidates=candidates) == want
+    assert index_eval.top1_leave_one_out(x, x, y, candidates=candidates) == want
     z = rng.normal(size=(500, 16)).astype(np.float32)
     yz = rng.integers(0, 10, size=500)
-    assert index_eval.top1_leave_one_out(z, yz) == metrics.retrieval(z, z, yz, yz, leave_one_out=True, topk=(1,))["top1"]
+    g = z + 0.5 * rng.normal(size=z.shape).astype(np.float32)  # a gallery of other vectors (as B/old)
+    for query, gallery in ((z, z), (z, g), (x[:300], x[::-1].copy()[:300])):
+        labels = yz[:len(query)]
+        want = metrics.retrieval(query, gallery, labels, labels, leave_one_out=True, topk=(1,))["top1"]
+        assert index_eval.top1_leave_one_out(query, gallery, labels, candidates=candidates) == want
 
 
-def test_a_large_zero_shot_set_is_scored_by_faiss_with_the_same_result(monkeypatch) -> None:
-    """A CPU trial's top-1-only zero-shot score goes through faiss from FAISS_TOP1_MIN_ROWS rows on."""
+def test_top1_only_scores_go_through_faiss_on_large_sets_with_the_same_result(monkeypatch) -> None:
+    """A CPU trial's top-1-only scores (zero-shot, cheap per-epoch rows) go through faiss from
+    FAISS_TOP1_MIN_ROWS rows on, with the same numbers."""
     from study.trial import TrialData, run_trial
 
     xo, y = _clustered(400, 16, 5, 1)
@@ -236,9 +241,11 @@ def test_a_large_zero_shot_set_is_scored_by_faiss_with_the_same_result(monkeypat
     exact = run_trial(cfg, data).metrics
     calls: list[int] = []
     real = index_eval.top1_leave_one_out
-    monkeypatch.setattr(index_eval, "top1_leave_one_out", lambda x, labels, **kw: calls.append(len(x)) or real(x, labels, **kw))
-    monkeypatch.setattr(metrics, "FAISS_TOP1_MIN_ROWS", 300)
+    monkeypatch.setattr(index_eval, "top1_leave_one_out",
+                        lambda q, g, labels, **kw: calls.append(len(q)) or real(q, g, labels, **kw))
+    monkeypatch.setattr(metrics, "FAISS_TOP1_MIN_ROWS", 150)
     via_faiss = run_trial(cfg, data).metrics
-    assert calls == [300, 300]  # new/new and B(new)/B(new) of the zero-shot set
-    for key in ("zs/z", "zs/z/new_top1", "zs/z/B_top1", "zs/mean"):
+    # cheap rows (B/old, B/F, B/B) at epochs 1 and 2 on the 150-row eval split, then the zero-shot pair
+    assert calls == [150] * 6 + [300, 300]
+    for key in ("zs/z", "zs/z/new_top1", "zs/z/B_top1", "zs/mean", "B/old/top1", "B/B/top1"):
         assert via_faiss[key] == exact[key], key
