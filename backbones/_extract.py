@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,6 @@ class Job:
     todo: tuple[Shard, ...]
     size: int | None  # input side (None: synthetic, no images)
     weights_given: bool = False  # extract() got a Backbone object: shards need it passed in
-    started: float = field(default_factory=time.time)
 
 
 def _default_device() -> torch.device:

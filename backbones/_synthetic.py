@@ -19,6 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ._datasets import ImageSet
 from ._registry import BackboneCfg, DatasetCfg, register_backbone, register_dataset_family
 
 LATENT_DIM = 64
@@ -131,8 +132,8 @@ class NoiseImages(Sequence[np.ndarray]):
         return ((noise + self.tints[self.labels[i]]) // 2 + 32).astype(np.uint8)
 
 
-def _load(name: str, split: str, root: object) -> "object":
-    from ._datasets import ImageSet
+def _load(name: str, split: str, root: object) -> ImageSet:
+    """The registry loader: noise images and labels of a synthetic split (for real backbones)."""
 
     images = NoiseImages(name, split)
     return ImageSet(images, images.labels)
