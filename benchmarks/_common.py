@@ -195,6 +195,15 @@ def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "NOT met")
 
 
+def rss_anon(pid: int) -> int:
+    """Resident anonymous memory of a process (heap and private copies; not memory-mapped files), bytes."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:")), 0)
+    except OSError:
+        return 0
+
+
 class PeriodicSampler:
     """Calls `tick()` every `interval` seconds in a daemon thread while used as a context manager,
     and once more on exit. Subclasses implement `tick`."""

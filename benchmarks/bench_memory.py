@@ -83,12 +83,6 @@ def idle_trial(config):
         _tune.report({"done_idle": 1}, checkpoint=_tune.Checkpoint.from_directory(tmp))
 
 
-def rss_anon(pid: int) -> int:
-    """Resident anonymous memory (heap, private copies; not memory-mapped files) of a process, bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        return next((int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:")), 0)
-
-
 class Sampler(C.PeriodicSampler):
     """Samples memory of this process and all its descendants in a thread; keeps the peaks."""
 
@@ -121,7 +115,7 @@ class Sampler(C.PeriodicSampler):
                 tot["workers_uss"] += mi.uss
                 tot["workers_pss"] += mi.pss
                 tot["workers_rss"] += mi.rss
-                tot["workers_anon"] += rss_anon(p.pid)
+                tot["workers_anon"] += C.rss_anon(p.pid)
         tot["t"] = time.perf_counter()
         tot["procs"] = procs
         return tot

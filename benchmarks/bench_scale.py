@@ -61,18 +61,6 @@ max_failures: 0
 """
 
 
-def rss_anon(pid: int) -> int:
-    """Resident anonymous memory of a process (heap and private copies; not memory-mapped files), bytes."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 class Sampler(C.PeriodicSampler):
     """RSS of a process tree by role (driver, trial workers, extraction tasks, other) and /dev/shm use."""
 
@@ -119,7 +107,7 @@ class Sampler(C.PeriodicSampler):
                 w["role"] = role
             w["peak"] = max(w["peak"], rss)
             if w["role"] == "trial":
-                anon = rss_anon(p.pid)
+                anon = C.rss_anon(p.pid)
                 w["anon"] = max(w["anon"], anon)
                 w["file"] = max(w.get("file", 0), rss - anon)
         self.peak["total"] = max(self.peak["total"], total)

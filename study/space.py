@@ -69,6 +69,10 @@ class Pair:
     def name(self) -> str:
         return f"{self.old}->{self.new}"
 
+    def zero_shot_sets(self, study_wide: tuple[ZeroShotSet, ...]) -> tuple[ZeroShotSet, ...]:
+        """This pair's zero-shot sets: its own list if it has one, else the study-wide one."""
+        return study_wide if self.zero_shot is None else self.zero_shot
+
 
 @dataclass(frozen=True)
 class Downstream:
@@ -122,7 +126,7 @@ class StudySpec:
     feature_dtype: str = "float32"  # storage (and read) precision of every feature key
 
     def zero_shot_for(self, pair: Pair) -> tuple[ZeroShotSet, ...]:
-        return self.zero_shot if pair.zero_shot is None else pair.zero_shot
+        return pair.zero_shot_sets(self.zero_shot)
 
     def cells(self) -> list[dict[str, Any]]:
         """The (pair, downstream set) combinations, each with its feature keys."""
@@ -414,7 +418,7 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
 
     opt = c.mapping(top.get("optimize", {}) or {}, "optimize", {"metric": "", "mode": ""})
     # Metric keys every trial reports (study/keys.py); zero-shot keys are named after each pair's sets.
-    per_pair = [K.metric_keys([z.dataset for z in (zero_shot if p.zero_shot is None else p.zero_shot)], train_cfg)
+    per_pair = [K.metric_keys([z.dataset for z in p.zero_shot_sets(zero_shot)], train_cfg)
                 for p in pairs]
     metric_names = [k for k in per_pair[0] if all(k in other for other in per_pair[1:])]
     metric = c.choice(opt.get("metric", "B/old/top1"), "optimize.metric", metric_names)
@@ -450,9 +454,6 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
     feature_dtype = c.choice(feats.get("dtype", "float32"), "features.dtype", backbones.DTYPES)
 
     # Cross-field checks.
-    def zero_shot_for_pair(pair: Pair) -> tuple[ZeroShotSet, ...]:
-        return zero_shot if pair.zero_shot is None else pair.zero_shot
-
     if "lambda" in methods and not lambdas and search.kind == "grid":
         raise c.fail("lambdas", "method `lambda` is listed but `lambdas` is empty: the grid would have no lambda trials")
     if search.kind == "optuna" and methods != ("lambda",):
@@ -461,7 +462,7 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
         for side in ("old", "new"):
             if backbones.backbone_cfg(getattr(pair, side)).source != "synthetic":
                 continue
-            for ds_name in [*(x.dataset for x in datasets), *(z.dataset for z in zero_shot_for_pair(pair))]:
+            for ds_name in [*(x.dataset for x in datasets), *(z.dataset for z in pair.zero_shot_sets(zero_shot))]:
                 if not ds_name.startswith("synthetic-"):
                     raise c.fail(f"pairs[{i}].{side}", f"synthetic backbone `{getattr(pair, side)}` embeds only "
                                  f"synthetic data sets ({backbones.SYNTHETIC_PATTERN}), not `{ds_name}`")

@@ -100,8 +100,7 @@ class _Progress:
     def __init__(self, key: FeatureKey, job: Any, log: Callable[[str], None]) -> None:
         self.key, self.log = key, log
         self.total = job.rows
-        self.todo = sum(s.stop - s.start for s in job.todo)
-        self.done = self.total - self.todo
+        self.done = self.total - sum(s.stop - s.start for s in job.todo)
         self.t0 = time.perf_counter()
         self.embedded = 0
         self.last = 0.0
