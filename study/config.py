@@ -129,6 +129,10 @@ class TrialConfig:
     #   separately; the new mean also shifts the zero-shot sets). Off = the paper's literal setup. On the MNIST
     #   pair it let the bias-free orthogonal B reach B/old 86 instead of 80 and steadied B/F, but it also
     #   changes old/old and new/new, which are measured on the same preprocessed features
+    pca: int | None = None  # ours: k = reduce each model's features above k dims to their k leading principal
+    #   components of its train split (then re-normalised; `study.preprocess`). The regulariser's and exp(P)'s n^3
+    #   terms shrink by (n/k)^3: the offline default's lever to train 1280-d Lite features to their plateau on a
+    #   laptop (docs/convergence.md). None = the features as they are (the paper)
     srip_iters: int = 10  # ours: power iterations per step for SRIP (matrix-vector products, cheap)
 
     # --- evaluation --------------------------------------------------------
@@ -197,6 +201,8 @@ class TrialConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"`{path}.index` names an index twice ({', '.join(names)}): "
                              "give each entry its own `name`")
+        if self.pca is not None and self.pca < 1:
+            raise ValueError(f"`{path}.pca` must be None or an integer >= 1, got {self.pca!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"`{path}.num_threads` must be None or >= 1, got {self.num_threads!r}")
 

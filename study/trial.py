@@ -11,7 +11,9 @@ Ray nor MLflow. The metric keys are documented in `study.keys`.
 Protocol (see `study.keys` for every key):
 1. Features are cast to float32 and, with `normalize=True` (default),
    L2-normalised; with `center=True` each model's mean train feature is then
-   subtracted from all of its features (zero-shot sets included). The train split trains the adapters of the method
+   subtracted from all of its features (zero-shot sets included); with `pca = k` a model's features above k
+   dims are projected onto their k leading principal components (fitted on its train split) and
+   re-normalised (`study.preprocess`). The train split trains the adapters of the method
    (`study.config.METHODS`); "independent" trains nothing.
 2. On the evaluation split every row old/old ... B/B is scored leave-one-out
    (queries = gallery = the split's images; a query never retrieves its own
@@ -60,6 +62,7 @@ from study.adapters import (
 )
 from study.config import TrialConfig
 from study.losses import LOSSES
+from study.preprocess import Preprocess, as_tensor
 from study.regularizers import build_regularizer
 from study.trainer import DivergedError, resolve_device, train
 
@@ -129,7 +132,8 @@ class TrialData:
 @dataclass
 class TrialResult:
     """metrics: flat dict of floats (keys in `study.keys`); state: the adapters' tensors
-    (`study.adapters.export_state`, for torch.save / `load_adapters`); curves: lists of
+    (`study.adapters.export_state`, for torch.save / `load_adapters`; with `pca`, also `old.pca` / `new.pca`,
+    the [dim, k] bases a model's normalised features are multiplied by before B or F); curves: lists of
     floats: `backfill/beta`, `backfill/paper`, `backfill/random`, per-epoch `loss/*`,
     and per-epoch cheap eval values (`B/old/top1`, ..., with `eval_epoch`); config: the
     trial's config as a dict (stored beside the weights)."""
@@ -141,17 +145,8 @@ class TrialResult:
 
 
 # ---------------------------------------------------------------------------
-def _shared(x: Any) -> Tensor:
-    """A CPU tensor over the array's own memory (any dtype; no copy for a memory map)."""
-    with warnings.catch_warnings():
-        # Cached features are read-only memory maps; they are never written (normalising,
-        # casting and shifting make new tensors), so share them instead of copying.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.as_tensor(np.asarray(x))
-
-
 def _float32(x: Any, device: torch.device | None = None) -> Tensor:
-    return _shared(x).to(device=device, dtype=torch.float32)
+    return as_tensor(x).to(device=device, dtype=torch.float32)
 
 
 def normalize_rows(x: Any) -> np.ndarray:
@@ -160,51 +155,30 @@ def normalize_rows(x: Any) -> np.ndarray:
 
 
 class _TrainRows:
-    """A train split read batch by batch: rows gathered from the (memory-mapped) array, cast to
-    float32 on `device`, L2-normalised if asked, minus the split's mean with `center`."""
+    """A train split read batch by batch: rows gathered from the (memory-mapped) array and
+    preprocessed by `prep` (`study.preprocess`: normalise, centre, PCA) on its device."""
 
-    CHUNK = 65536  # rows per pass when computing the mean
-
-    def __init__(self, features: Any, normalize: bool, center: bool, device: torch.device) -> None:
-        self.x = _shared(features.x)
-        self.normalize, self.device = normalize, device
-        self.shift: Tensor | None = None
-        self.shape = tuple(self.x.shape)
-        if center:
-            n = self.shape[0]
-            if n <= self.CHUNK:
-                self.shift = self._prepare(self.x).mean(0)
-            else:
-                total = torch.zeros(self.shape[1], dtype=torch.float64)
-                for a in range(0, n, self.CHUNK):
-                    total += self._prepare(self.x[a:a + self.CHUNK]).double().sum(0).cpu()
-                self.shift = (total / n).float().to(device)
-
-    def _prepare(self, rows: Tensor) -> Tensor:
-        out = rows.to(device=self.device, dtype=torch.float32)
-        out = Fn.normalize(out, dim=1) if self.normalize else out
-        return out - self.shift if self.shift is not None else out
+    def __init__(self, features: Any, prep: Preprocess) -> None:
+        self.x = as_tensor(features.x)
+        self.prep = prep
+        self.shape = (self.x.shape[0], prep.dim or self.x.shape[1])
 
     def __getitem__(self, idx: Tensor) -> Tensor:
-        return self._prepare(self.x[idx.cpu()])
+        return self.prep(self.x[idx.cpu()])
 
     def sample(self, limit: int, seed: int) -> Tensor:
         """Every prepared row if there are at most `limit`, else `limit` of them (seeded, in row order)."""
         n = self.shape[0]
         if n <= limit:
-            return self._prepare(self.x)
+            return self.prep(self.x)
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
         return self[idx]
 
 
-def _tensor(features: Any, normalize: bool, device: torch.device, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """float32 features on `device`, L2-normalised if asked, minus `shift` if given; int64 labels."""
-    x = _float32(features.x, device)
-    if normalize:
-        x = Fn.normalize(x, dim=1)
-    if shift is not None:
-        x = x - shift
-    y = torch.as_tensor(np.asarray(features.y).astype(np.int64), device=device)
+def _tensor(features: Any, prep: Preprocess) -> tuple[Tensor, Tensor]:
+    """A split's features preprocessed by its model's `prep`; int64 labels on the same device."""
+    x = prep(as_tensor(features.x))
+    y = torch.as_tensor(np.asarray(features.y).astype(np.int64), device=x.device)
     return x, y
 
 
@@ -305,7 +279,7 @@ class _Evaluator:
 
 
 def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None, device,
-               shift: Tensor | None, normalize: bool) -> dict[str, float]:
+               prep: Preprocess) -> dict[str, float]:
     out: dict[str, float] = {}
     deltas = []
     on = _metrics_device(device)
@@ -314,7 +288,7 @@ def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None
         return _top1(cfg, x, x, labels, on)
 
     for name, feats in zero_shot.items():
-        z, y = _tensor(feats, normalize, device, shift)
+        z, y = _tensor(feats, prep)
         yn = y.cpu().numpy()
         new_top1 = top1(_np(z), yn)
         if B is None:
@@ -374,16 +348,15 @@ def run_trial(
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
-    d, n = data.d, data.n
-    norm = cfg.normalize
-
-    # with `center`, the train split's means, applied to every split of the same model
-    old_tr = _TrainRows(data.old_train, norm, cfg.center, device)
-    new_tr = _TrainRows(data.new_train, norm, cfg.center, device)
+    # each model's preprocessing, fitted on its train split and applied to all of its splits
+    preps = {side: Preprocess(getattr(data, f"{side}_train").x, normalize=cfg.normalize, center=cfg.center,
+                              pca=cfg.pca, seed=cfg.seed, device=device) for side in ("old", "new")}
+    old_tr = _TrainRows(data.old_train, preps["old"])
+    new_tr = _TrainRows(data.new_train, preps["new"])
+    d, n = old_tr.shape[1], new_tr.shape[1]
     y_tr = torch.as_tensor(np.asarray(data.old_train.y).astype(np.int64), device=device)
-    old_mu, new_mu = old_tr.shift, new_tr.shift
-    old_ev, y_ev = _tensor(data.old_eval, norm, device, old_mu)
-    new_ev, _ = _tensor(data.new_eval, norm, device, new_mu)
+    old_ev, y_ev = _tensor(data.old_eval, preps["old"])
+    new_ev, _ = _tensor(data.new_eval, preps["new"])
     evaluator = _Evaluator(cfg, old_ev, new_ev, y_ev)
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -445,7 +418,7 @@ def run_trial(
         out[K.ORTH] = 0.0
     else:
         out[K.ORTH] = float(orthogonality_deviation(B_eval.weight.double()))
-    out.update(_zero_shot(cfg, data.zero_shot, B_eval, device, new_mu, norm))
+    out.update(_zero_shot(cfg, data.zero_shot, B_eval, device, preps["new"]))
 
     y_np = evaluator.y
     if b_new is not None and f_old is not None:
@@ -479,7 +452,8 @@ def run_trial(
     return TrialResult(
         metrics={k: float(out[k])
                  for k in (*K.final_keys(data.zero_shot, cfg.topk), *K.index_keys(cfg.index, cfg.topk))},
-        state=export_state(B, F),
+        state={**export_state(B, F), **{f"{side}.pca": p.basis.cpu() for side, p in preps.items()
+                                        if p.basis is not None}},
         curves=curves,
         config=cfg.to_dict(),
     )

@@ -282,15 +282,3 @@ def test_float16_features_train_as_their_float32_values(tmp_path):
                        {k: up(v) for k, v in as16.zero_shot.items()})
     cfg = dict(FAST, method="lambda", lam=1.0, center=True)
     _same_trial(run_trial(cfg, as16), run_trial(cfg, upcast))
-
-
-def test_centre_of_a_large_train_split_is_the_mean_of_its_unit_rows(monkeypatch):
-    from study import trial as trial_module
-
-    x = np.random.default_rng(0).normal(size=(1000, 5)).astype(np.float16)
-    monkeypatch.setattr(trial_module._TrainRows, "CHUNK", 64)  # several passes, as for a split of millions
-    rows = trial_module._TrainRows(NS(x=x), normalize=True, center=True, device=torch.device("cpu"))
-    unit = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
-    np.testing.assert_allclose(rows.shift.numpy(), unit.mean(0), atol=1e-6)
-    idx = torch.tensor([3, 999, 3])
-    np.testing.assert_allclose(rows[idx].numpy(), unit[[3, 999, 3]] - unit.mean(0), atol=1e-6)
