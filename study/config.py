@@ -142,7 +142,7 @@ class TrialConfig:
     backfill_metric: str = "mAP"  # ours: the M of the backfill curve ("top1", "top5" or "mAP"). mAP because the
     #   order only matters through items that intrude into other classes' rankings: on the MNIST pair the paper
     #   order beat random by ~2 mAP points, while top-1 (set by the one nearest item) could not tell them apart
-    eval_every: int = 5  # ours: cheap eval (B/old, B/B, B/F top-1) every k epochs, and at the first and last
+    eval_every: int = 5  # ours: cheap eval (B/old, B/B, B/F top-1, orth/B, zs/mean) every k epochs, and at the first and last
     index: tuple[IndexSpec, ...] = ()  # faiss index kinds to evaluate in (`study.index_eval`): entries
     #   {factory, name, nprobe, efSearch, recall_k}; a space's top-level `index:` section fills it. Empty: none
 

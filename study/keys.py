@@ -77,7 +77,7 @@ each `backfill/beta`).
 
 Per-epoch keys (what `on_epoch(epoch, metrics)` receives, what Ray Tune sees):
 `epoch`, the five `loss/*` keys (means over that epoch) and the cheap eval
-keys `B/old/top1`, `B/B/top1`, `B/F/top1`, recomputed every `eval_every`
+keys `B/old/top1`, `B/B/top1`, `B/F/top1`, `orth/B` and `zs/mean`, recomputed every `eval_every`
 epochs (and at the first and last epoch) and carried forward in between so
 that every report has them; `eval_epoch` says when they were computed.
 """
@@ -108,7 +108,9 @@ BACKFILL_AUC_RANDOM = "backfill/auc_random"
 BACKFILL_KEYS: tuple[str, ...] = (BACKFILL_AUC_PAPER, BACKFILL_AUC_RANDOM)
 
 CHEAP_EVAL_ROWS: tuple[str, ...] = ("B/old", "B/B", "B/F")
-CHEAP_EVAL_KEYS: tuple[str, ...] = tuple(f"{r}/top1" for r in CHEAP_EVAL_ROWS)
+CHEAP_EVAL_KEYS: tuple[str, ...] = (*(f"{r}/top1" for r in CHEAP_EVAL_ROWS), ORTH, ZS_MEAN)
+"""The cheap per-epoch evaluation: three rows' top-1, D(W) of B and the mean zero-shot retention
+(the convergence curves, `docs/convergence.md`)."""
 EPOCH_KEYS: tuple[str, ...] = (EPOCH, *LOSS_KEYS, *CHEAP_EVAL_KEYS, EVAL_EPOCH)
 """Keys of every `on_epoch` report."""
 

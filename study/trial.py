@@ -278,6 +278,15 @@ class _Evaluator:
         return out
 
 
+def _orth(B: nn.Module | None, frozen: _Frozen | None) -> float:
+    """orth/B: D(W) of the trained B in float64; 0 for the identity, NaN without B."""
+    if B is None:
+        return NAN
+    if isinstance(B, nn.Identity):
+        return 0.0
+    return float(orthogonality_deviation(frozen.weight.double()))
+
+
 def _zero_shot(cfg: TrialConfig, zero_shot: Mapping[str, Any], B: _Frozen | None, device,
                prep: Preprocess) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -380,8 +389,11 @@ def run_trial(
 
         def epoch_end(epoch: int, means: dict[str, float]) -> None:
             if epoch == 1 or epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                b_new, f_old = evaluator.sides(_Frozen(B, n), _Frozen(F, n))
+                B_now = _Frozen(B, n)
+                b_new, f_old = evaluator.sides(B_now, _Frozen(F, n))
                 rows = evaluator.rows(b_new, f_old, only=K.CHEAP_EVAL_ROWS, topk=(1,))
+                rows[K.ORTH] = _orth(B, B_now)
+                rows[K.ZS_MEAN] = _zero_shot(cfg, data.zero_shot, B_now, device, preps["new"])[K.ZS_MEAN]
                 cheap.update({k: rows[k] for k in K.CHEAP_EVAL_KEYS})
                 cheap[K.EVAL_EPOCH] = float(epoch)
                 for k in (*K.CHEAP_EVAL_KEYS, K.EVAL_EPOCH):
@@ -412,12 +424,7 @@ def run_trial(
         out[K.ecc_key(row)] = NAN if math.isnan(v) else float(metrics.ecc(v, ref))
         out[K.ecc_margin_key(row)] = metrics.ecc_margin(v, ref)
     out[K.GAIN] = out["B/B/top1"] - out["new/new/top1"]
-    if B is None:
-        out[K.ORTH] = NAN
-    elif isinstance(B, nn.Identity):
-        out[K.ORTH] = 0.0
-    else:
-        out[K.ORTH] = float(orthogonality_deviation(B_eval.weight.double()))
+    out[K.ORTH] = _orth(B, B_eval)
     out.update(_zero_shot(cfg, data.zero_shot, B_eval, device, preps["new"]))
 
     y_np = evaluator.y
