@@ -78,11 +78,15 @@ def list_methods() -> list[str]:
     return sorted(METHODS, key=lambda name: (METHODS[name].order, name))
 
 
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+"""Learning-rate schedules of `study.trainer.train` (see its docstring)."""
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "init": ("identity", "torch"),
     "distance": ("cosine", "l2"),
     "backfill_metric": ("top1", "top5", "mAP"),
     "device": ("auto", "cpu", "cuda"),
+    "lr_schedule": LR_SCHEDULES,
 }
 
 
@@ -106,6 +110,8 @@ class TrialConfig:
 
     # --- optimisation (paper: Adam, lr 1e-3) -------------------------------
     lr: float = 1e-3  # paper
+    lr_schedule: str = "constant"  # paper (no schedule given); "cosine": lr * (1 + cos(pi t / T)) / 2 over the T
+    #   steps of the run, so a short run ends at rest on its plateau instead of in Adam's lr-sized jitter
     weight_decay: float = 0.0  # ours: no decay; it would pull W towards 0, i.e. away from orthogonal
     epochs: int = 40  # ours: 640 Adam steps at N = 4000, batch 256. Enough for D(W) to reach lam up to ~12 on
     #   the MNIST pair; the unregularised affine B keeps drifting (D = 13 after 40 epochs, 27 after 160), so where

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 
+from study.config import LR_SCHEDULES
+
 __all__ = ["Adam", "DivergedError", "resolve_device", "train"]
 
 
@@ -90,6 +92,7 @@ def train(
     device: torch.device | str = "cpu",
     num_threads: int | None = None,
     steps_per_epoch: int | None = None,
+    lr_schedule: str = "constant",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Minimise `batch_loss(idx)["loss/total"]` with Adam over `epochs` passes.
@@ -102,8 +105,12 @@ def train(
     epoch's samples (weighted by batch size). After each epoch
     `on_epoch(epoch, means)` is called (epoch is 1-based; `means` also holds
     "epoch") and may add keys to `means`. Returns the list of per-epoch dicts.
-    `num_threads`, if given, calls torch.set_num_threads (process-wide).
+    `num_threads`, if given, calls torch.set_num_threads (process-wide). `lr_schedule`
+    (`LR_SCHEDULES`): "constant" keeps `lr`; "cosine" gives step t of T the rate
+    lr * (1 + cos(pi t / T)) / 2, from `lr` down to ~0 at the last step.
     """
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"`lr_schedule` = {lr_schedule!r} is not allowed; allowed values: {', '.join(LR_SCHEDULES)}")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     device = torch.device(device)
@@ -111,12 +118,17 @@ def train(
     opt = Adam(params, lr=lr, weight_decay=weight_decay) if params else None
     gen = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
+    per_epoch = len(range(0, n_samples, batch_size)[:steps_per_epoch])
+    total_steps, done = epochs * per_epoch, 0
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n_samples, generator=gen).to(device)
         sums: dict[str, Tensor] = {}
         starts = range(0, n_samples, batch_size)[:steps_per_epoch]
         seen = 0
         for step, start in enumerate(starts):
+            if opt is not None and lr_schedule == "cosine":
+                opt.lr = lr * 0.5 * (1.0 + math.cos(math.pi * done / total_steps))
+            done += 1
             idx = perm[start : start + batch_size]
             seen += len(idx)
             with parametrize.cached():

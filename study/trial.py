@@ -408,7 +408,7 @@ def run_trial(
         history = train(
             params, batch_loss, old_tr.shape[0], epochs=cfg.epochs, batch_size=cfg.batch_size,
             lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=device, on_epoch=epoch_end,
-            steps_per_epoch=cfg.steps_per_epoch,
+            steps_per_epoch=cfg.steps_per_epoch, lr_schedule=cfg.lr_schedule,
         )
     train_s = time.perf_counter() - t0
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace as NS
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -166,3 +167,25 @@ def test_steps_per_epoch_takes_the_first_batches_of_each_permutation():
     seen.clear()
     hist = train([], loss, 100, epochs=1, batch_size=16, seed=3, steps_per_epoch=2)
     assert hist[0]["loss/total"] == pytest.approx((sum(seen[0]) * 16 + sum(seen[1]) * 16) / 32)
+
+
+def test_cosine_schedule_is_torch_adam_at_the_closed_form_rate():
+    """lr_schedule="cosine": step t of T uses lr (1 + cos(pi t / T)) / 2 (reference: torch.optim.Adam with
+    that rate set before each step); "constant" keeps lr; an unknown schedule is refused."""
+    g = torch.Generator().manual_seed(0)
+    x, init = torch.randn(12, 4, generator=g), torch.randn(3, 4, generator=g)
+    ours = torch.nn.Parameter(init.clone())
+    ref = torch.nn.Parameter(init.clone())
+    objective = lambda w: (x @ w.T).sin().pow(2).mean()  # noqa: E731
+    train([ours], lambda idx: {"loss/total": objective(ours)}, 12, epochs=4, batch_size=3, lr=0.05,
+          lr_schedule="cosine")
+    opt = torch.optim.Adam([ref], lr=0.05, foreach=False)
+    total = 16  # 4 epochs of 4 batches
+    for t in range(total):
+        opt.param_groups[0]["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * t / total))
+        opt.zero_grad()
+        objective(ref).backward()
+        opt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"`lr_schedule` = 'step' is not allowed; allowed values: constant, cosine"):
+        train([ours], lambda idx: {"loss/total": objective(ours)}, 12, epochs=1, batch_size=3, lr_schedule="step")
