@@ -42,11 +42,11 @@ def plateau_step(steps: list[float], values: list[float], points: float = PLATEA
     return math.nan
 
 
-def last_fifth_change(steps: list[float], values: list[float]) -> float:
-    """max - min of B/old over the evaluations in the last 20 % of the steps."""
+def last_fifth_change(steps: list[float], values: list[float]) -> tuple[float, float]:
+    """Over the evaluations in the last 20 % of the steps: (max - min of B/old, final minus first value)."""
     cut = steps[-1] * 0.8
     tail = [v for s, v in zip(steps, values) if s >= cut]
-    return max(tail) - min(tail)
+    return max(tail) - min(tail), tail[-1] - tail[0]
 
 
 def main() -> int:
@@ -60,6 +60,7 @@ def main() -> int:
     p.add_argument("--evals", type=int, default=40, help="cheap evaluations along the run")
     p.add_argument("--pca", type=int, default=256, help="TrialConfig.pca; 0 = the features as they are")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--center", action="store_true", help="TrialConfig.center: subtract each model's train mean")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="the MNIST pair, 200 steps, 3 methods")
     p.add_argument("--tag", default="", help="suffix of the result file and figures")
@@ -89,7 +90,7 @@ def main() -> int:
             method, _, lam = entry.partition(":")
             cfg = {"method": method, "lam": float(lam) if lam else None, "epochs": epochs,
                    "batch_size": args.batch_size, "eval_every": eval_every, "seed": args.seed, "lr": args.lr,
-                   "lr_schedule": args.schedule,
+                   "lr_schedule": args.schedule, "center": args.center,
                    "pca": args.pca or None, "num_threads": args.threads}
             t0 = time.perf_counter()
             result = run_trial(cfg, data)
@@ -106,7 +107,8 @@ def main() -> int:
                                                          "B/F/top1", "orth/B", "zs/mean", "backfill/auc_paper",
                                                          "backfill/auc_random")},
                 "plateau_step": plateau_step(steps, b_old),
-                "last_fifth_change": last_fifth_change(steps, b_old),
+                "last_fifth_change": last_fifth_change(steps, b_old)[0],
+                "last_fifth_drift": last_fifth_change(steps, b_old)[1],
             }
             rows.append(row)
             f = row["final"]
