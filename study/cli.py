@@ -152,6 +152,7 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
     """Everything after validation: Ray, features, trials, MLflow, report."""
     import ray
 
+    from study import tracking as T
     from study import tune as st
     from study.report import build_report
 
@@ -160,8 +161,8 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
         _write_marker(storage, spec)
         features, counts = st.feature_phase(spec)
         versions = _versions()
-        tags = {"lc.space_sha256": spec.sha256, "lc.git_commit": _git_commit(), "lc.space_file": str(spec.path),
-                **{f"lc.version.{k}": v for k, v in versions.items()}}
+        tags = {T.SPACE_SHA_TAG: spec.sha256, T.GIT_COMMIT_TAG: _git_commit(), T.SPACE_FILE_TAG: str(spec.path),
+                **{f"{T.VERSION_TAG_PREFIX}{k}": v for k, v in versions.items()}}
         params = {"space": spec.path.name, "n_pairs": len(spec.pairs), "n_datasets": len(spec.datasets),
                   "methods": list(spec.methods), "lambdas": list(spec.lambdas), "seeds": list(spec.seeds),
                   "search": spec.search.kind, "scheduler": spec.scheduler.kind}
@@ -207,8 +208,7 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
 
 def reconcile(results: Any, tracker: Any, table: Any) -> tuple[int, int]:
     """Make MLflow match Ray's results (a driver killed between a trial's end and its callback loses nothing)."""
-    from study.tracking import RAY_TRIAL_TAG
-    from study.tune import finish_from_checkpoint, metrics_of, trial_name, trial_params, trial_tags
+    from study.tune import metrics_of, record_trial
     tracker.refresh()  # Ray's restored callback writes through its own copy of the tracker
     failed = finished = 0
     for result in results:
@@ -222,11 +222,9 @@ def reconcile(results: Any, tracker: Any, table: Any) -> tuple[int, int]:
         if not key or (not result.metrics.get("done") and result.metrics.get("final") != 1):
             continue  # never started, or interrupted mid-trial: it resumes on the next run
         finished += 1
-        if not tracker.is_finished(key):
-            cfg = table.resolve(result.config)
-            tracker.start_trial(key, trial_name(cfg), trial_params(cfg), {**trial_tags(cfg), RAY_TRIAL_TAG: ray_id})
-            tracker.log_metrics(key, metrics_of(result.metrics), step=int(result.metrics.get("training_iteration", 0)))
-            finish_from_checkpoint(tracker, key, result.checkpoint, result.metrics)
+        record_trial(tracker, table, result.config, ray_id, metrics=metrics_of(result.metrics),
+                     step=int(result.metrics.get("training_iteration", 0)), checkpoint=result.checkpoint,
+                     last=result.metrics)
     return failed, finished
 
 

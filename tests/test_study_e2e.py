@@ -9,11 +9,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+import backbones
+from study.config import TrialConfig
 from study.report import build_report
+from study.tracking import load_trial, param_value
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -65,6 +70,46 @@ def test_mlflow_holds_parent_and_finished_children(finished_study: Path) -> None
         assert len(client.get_metric_history(run.info.run_id, "backfill/paper")) == 21
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md", "smoke.yaml"} <= parent_files
+
+
+def _top1_leave_one_out(query: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> float:
+    """Cosine CMC top-1 (%), query i never retrieving gallery item i; ties to the lower index."""
+    q = query / np.linalg.norm(query, axis=1, keepdims=True)
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    scores = q.astype(np.float64) @ g.T.astype(np.float64)
+    np.fill_diagonal(scores, -np.inf)
+    return 100.0 * float(np.mean(labels[scores.argmax(1)] == labels))
+
+
+def test_trial_runs_record_the_full_config_and_rebuild_b_and_f(finished_study: Path) -> None:
+    """Every TrialConfig field is a param; config.json sits beside adapters.pt in the Ray checkpoint and
+    the run's artifacts; load_trial(run id) gives back the config, and B/old top-1 recomputed from the
+    rebuilt B on the cached features equals the logged metric."""
+    uri = f"sqlite:///{finished_study / 'mlflow.db'}"
+    space = yaml.safe_load(SMOKE.read_text())
+    client = MlflowClient(tracking_uri=uri)
+    feats = {b: backbones.extract(b, "mnist", "test", progress=False) for b in ("mnist_old", "mnist_new")}
+    old, new = (torch.nn.functional.normalize(torch.tensor(np.array(feats[b].x), dtype=torch.float32), dim=1)
+                for b in ("mnist_old", "mnist_new"))   # the smoke space keeps normalize: true, center: false
+    labels = np.asarray(feats["mnist_old"].y)
+    runs = children(finished_study)
+    for run in runs:
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapters")}
+        assert {"adapters/adapters.pt", "adapters/config.json"} <= artifacts
+        config, B, F = load_trial(run.info.run_id, uri)
+        params = run.data.params
+        assert {k: params[k] for k in TrialConfig.__dataclass_fields__} == {k: param_value(v) for k, v in config.to_dict().items()}
+        assert config.method == run.data.tags["method"] and config.seed == space["seeds"][0]
+        assert config.epochs == space["train"]["epochs"] and config.eval_every == space["train"]["eval_every"]
+        assert config.lam == (float(space["lambdas"][0]) if config.method == "lambda" else None)
+        assert params["lam"] == ("1.0" if config.method == "lambda" else "") and params["lr"] == "0.001"
+        assert params["pair"] == "mnist_old->mnist_new" and params["eval_split"] == "test"
+        with torch.no_grad():
+            b_new = B(new).numpy()[:, :old.shape[1]]   # truncated to min(d, n), the paper's rule
+        assert _top1_leave_one_out(b_new, old.numpy(), labels) == pytest.approx(run.data.metrics["B/old/top1"], abs=1e-9)
+        assert F is not None and F.in_features == old.shape[1] and F.out_features == new.shape[1]
+    checkpoints = list((finished_study / "ray_results" / "smoke").glob("*/checkpoint_*/adapters.pt"))
+    assert len(checkpoints) == len(runs) and all((c.parent / "config.json").is_file() for c in checkpoints)
 
 
 def test_summary_table_has_expected_rows(finished_study: Path, tmp_path: Path) -> None:
