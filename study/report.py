@@ -210,16 +210,25 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def backfill_ylabel(runs: Sequence[Any]) -> str:
+    """The y-axis of the backfill curves: the runs' `backfill_metric` (a TrialConfig field, a param of
+    every trial run), e.g. "mAP (%)"; several when the runs differ."""
+    names = sorted({run.data.params.get("backfill_metric", "") for run in runs} - {""})
+    return f"{' / '.join(names) or 'backfill metric'} (%)"
+
+
 def plot_backfill(client: Any, children: Sequence[Any], path: Path) -> bool:
     """Backfill curves (paper order solid, random dashed), mean over seeds, per cell and method."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     curves: dict[tuple[str, str], dict[str, dict[str, list[np.ndarray]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    runs_of: dict[tuple[str, str], list[Any]] = defaultdict(list)
     for run in children:
         if run.info.status != "FINISHED" or K.BACKFILL_AUC_PAPER not in run.data.metrics:
             continue
         pair, ds, method, lam = _group_key(run)
+        runs_of[(pair, ds)].append(run)
         label = method if method != "lambda" else f"λ={lam}"
         for key in (K.CURVE_PAPER, K.CURVE_RANDOM):
             hist = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
@@ -236,7 +245,7 @@ def plot_backfill(client: Any, children: Sequence[Any], path: Path) -> bool:
                     ax.plot(np.linspace(0, 1, len(y)), y, style, color=f"C{i % 10}",
                             label=f"{label} ({'paper order' if key == K.CURVE_PAPER else 'random'})")
         ax.set_xlabel("beta (fraction of gallery backfilled)")
-        ax.set_ylabel("top-1 %")
+        ax.set_ylabel(backfill_ylabel(runs_of[(pair, ds)]))
         ax.set_title(f"{pair} on {ds}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)

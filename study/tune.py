@@ -368,14 +368,21 @@ class Experiment:
     total: int
     search_alg: Any = None
     num_samples: int = 1
+    optuna_storage: str | None = None   # the database of the search's Optuna study (named `name`)
 
 
-def experiments(spec: StudySpec) -> list[Experiment]:
-    """The Tune experiments of a study: one grid, or one Optuna search per (pair, data set, seed) cell."""
+def experiments(spec: StudySpec, optuna_storage: str | None = None) -> list[Experiment]:
+    """The Tune experiments of a study: one grid, or one Optuna search per (pair, data set, seed) cell.
+
+    Each search is an Optuna study of the experiment's name in `optuna_storage` (a database URL;
+    None: in memory), so optuna-dashboard shows it and a resumed search continues it."""
     if spec.search.kind == "grid":
         table = TrialTable(spec.trial_table())
         return [Experiment(spec.name, {GRID_KEY: tune.grid_search(list(table.base))}, table, len(table.base))]
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
+    storage = optuna.storages.RDBStorage(optuna_storage) if optuna_storage else None
+    directions = ["maximize" if m == "max" else "minimize" for m in spec.search.modes]
     out = []
     for cell in spec.cells():
         for seed in spec.seeds:
@@ -383,9 +390,28 @@ def experiments(spec: StudySpec) -> list[Experiment]:
             base = {**cell, "method": "lambda", "seed": seed, "train": dict(spec.train)}
             table = TrialTable({name: base}, searched=("lam", "alpha"))
             space = {GRID_KEY: name, "lam": tune.uniform(*spec.search.lam), "alpha": tune.loguniform(*spec.search.alpha)}
-            searcher = OptunaSearch(metric=list(spec.search.metrics), mode=list(spec.search.modes), seed=seed)
-            out.append(Experiment(name, space, table, spec.search.n_trials, searcher, spec.search.n_trials))
+            if storage is not None:  # the objectives' names, for the dashboard (OptunaSearch loads this study)
+                optuna.create_study(storage=storage, study_name=name, directions=directions,
+                                    load_if_exists=True).set_metric_names(list(spec.search.metrics))
+            searcher = OptunaSearch(metric=list(spec.search.metrics), mode=list(spec.search.modes), seed=seed,
+                                    study_name=name, storage=storage)
+            out.append(Experiment(name, space, table, spec.search.n_trials, searcher, spec.search.n_trials,
+                                  optuna_storage))
     return out
+
+
+def fail_stale_optuna_trials(exp: Experiment) -> int:
+    """Mark FAIL the trials of an ended search's Optuna study that are still RUNNING: asked by a driver
+    that was killed before Ray's state recorded them, so the resumed search asked again. Returns
+    how many."""
+    if exp.optuna_storage is None:
+        return 0
+    import optuna
+    study = optuna.load_study(study_name=exp.name, storage=exp.optuna_storage)
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in stale:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(stale)
 
 
 def _name_of(table: TrialTable, trial: Any) -> str:
