@@ -79,3 +79,14 @@ def test_load_trial_of_a_run_without_checkpoint_fails(tmp_path: Path) -> None:
     run_id = tracker._runs["t0"]
     with pytest.raises(LookupError, match=f"run {run_id} .* has no adapters/config.json"):
         load_trial(run_id, uri)
+
+
+def test_runner_modules_name_tags_only_through_tracking_constants() -> None:
+    """The MLflow tag names (lc.*, mlflow.*) are written once, in study/tracking.py."""
+    study = Path(__file__).resolve().parents[1] / "study"
+    tags = {v for k, v in vars(T).items() if k.endswith(("_TAG", "_PREFIX")) and v.startswith(("lc.", "mlflow."))}
+    assert {T.ERROR_TAG, T.FINAL_TAG, T.ROLE_TAG, T.PARENT_TAG, T.SPACE_SHA_TAG} <= tags
+    for path in study.glob("*.py"):
+        if path.name != "tracking.py":
+            text = path.read_text()
+            assert not [tag for tag in tags if f'"{tag}' in text or f"'{tag}" in text], path.name
