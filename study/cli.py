@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray address: omit to start a local Ray; `auto` or ray://HOST:10001 for a cluster")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default sqlite:///<cwd>/mlflow.db; http://127.0.0.1:5000 for a server)")
     p.add_argument("--storage", default=None, help="Ray Tune results: absolute path or URI (default <cwd>/ray_results)")
+    p.add_argument("--optuna-storage", default=None, help="Optuna database of `search: optuna` studies "
+                   "(default sqlite:///<folder of mlflow.db>/optuna.db; on a cluster e.g. postgresql://HOST/DB)")
     p.add_argument("--name", default=None, help="study name (default: the space's `name`)")
     p.add_argument("--max-concurrent", type=int, default=None, help="cap on concurrent trials (default: the space's, else Ray's resources)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
@@ -71,10 +73,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             tracker.check()
         except TrackingError as err:
             raise UsageError(f"--tracking-uri: {err}") from None
+        optuna_storage = None
+        if spec.search.kind == "optuna":
+            optuna_storage = args.optuna_storage or default_optuna_storage(tracking_uri)
+            _check_optuna_storage(optuna_storage)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return run_study(spec, args, storage, tracker)
+    return run_study(spec, args, storage, tracker, optuna_storage=optuna_storage)
+
+
+def default_optuna_storage(tracking_uri: str) -> str:
+    """SQLite `optuna.db` beside the MLflow database of a sqlite tracking URI, else in the working folder."""
+    from urllib.parse import urlparse
+    parsed = urlparse(tracking_uri)
+    folder = Path("/" + parsed.path.lstrip("/")).parent if parsed.scheme == "sqlite" else Path.cwd()
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def _check_optuna_storage(url: str) -> None:
+    """UsageError unless Optuna can open (and, if new, create) the storage at `url`."""
+    import optuna
+    try:
+        optuna.storages.RDBStorage(url)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy and Optuna raise several types
+        raise UsageError(f"--optuna-storage: cannot open `{url}` ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
 
 
 def _default_tracking_uri() -> str:
@@ -148,10 +172,13 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -> int:
-    """Everything after validation: Ray, features, trials, MLflow, report."""
+def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any, *,
+              optuna_storage: str | None = None) -> int:
+    """Everything after validation: Ray, features, trials, MLflow, report. `optuna_storage`: the
+    database URL where an Optuna search keeps its studies (None: in memory)."""
     import ray
 
+    from study import tracking as T
     from study import tune as st
     from study.report import build_report
 
@@ -160,8 +187,8 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
         _write_marker(storage, spec)
         features, counts = st.feature_phase(spec)
         versions = _versions()
-        tags = {"lc.space_sha256": spec.sha256, "lc.git_commit": _git_commit(), "lc.space_file": str(spec.path),
-                **{f"lc.version.{k}": v for k, v in versions.items()}}
+        tags = {T.SPACE_SHA_TAG: spec.sha256, T.GIT_COMMIT_TAG: _git_commit(), T.SPACE_FILE_TAG: str(spec.path),
+                **{f"{T.VERSION_TAG_PREFIX}{k}": v for k, v in versions.items()}}
         params = {"space": spec.path.name, "n_pairs": len(spec.pairs), "n_datasets": len(spec.datasets),
                   "methods": list(spec.methods), "lambdas": list(spec.lambdas), "seeds": list(spec.seeds),
                   "search": spec.search.kind, "scheduler": spec.scheduler.kind}
@@ -170,7 +197,9 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
         print(f"[mlflow] study run {tracker.parent_run_id} at {tracker.tracking_uri}")
 
         total_failed, interrupted = 0, False
-        for exp in st.experiments(spec):
+        if optuna_storage:
+            print(f"[optuna] studies in {optuna_storage}")
+        for exp in st.experiments(spec, optuna_storage):
             tuner = st.make_tuner(spec, exp, features, tracker, storage=storage,
                                   max_concurrent=args.max_concurrent or spec.max_concurrent)
             results = tuner.fit()
@@ -179,6 +208,9 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
             if failed + finished < exp.total:
                 interrupted = True
                 break
+            stale = st.fail_stale_optuna_trials(exp)
+            if stale:
+                print(f"[optuna] marked {stale} trial(s) of {exp.name} left RUNNING by a killed driver FAIL")
         if interrupted:
             print(f"interrupted: rerun the same command to resume:\n  {_resume_command()}", file=sys.stderr)
             tracker.end_study("KILLED")
@@ -197,6 +229,8 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
             print(f"finished with failures: {total_failed} trial(s) failed (see the FAILED runs in MLflow)", file=sys.stderr)
             return EXIT_FAILURES
         print(f"finished: open `mlflow ui --host 127.0.0.1 --backend-store-uri {tracker.tracking_uri}`")
+        if optuna_storage:
+            print(f"          and `optuna-dashboard {optuna_storage}` (pip install optuna-dashboard)")
         return EXIT_OK
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun the same command to resume:\n  {_resume_command()}", file=sys.stderr)
@@ -207,8 +241,7 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
 
 def reconcile(results: Any, tracker: Any, table: Any) -> tuple[int, int]:
     """Make MLflow match Ray's results (a driver killed between a trial's end and its callback loses nothing)."""
-    from study.tracking import RAY_TRIAL_TAG
-    from study.tune import finish_from_checkpoint, metrics_of, trial_name, trial_params, trial_tags
+    from study.tune import metrics_of, record_trial
     tracker.refresh()  # Ray's restored callback writes through its own copy of the tracker
     failed = finished = 0
     for result in results:
@@ -222,11 +255,9 @@ def reconcile(results: Any, tracker: Any, table: Any) -> tuple[int, int]:
         if not key or (not result.metrics.get("done") and result.metrics.get("final") != 1):
             continue  # never started, or interrupted mid-trial: it resumes on the next run
         finished += 1
-        if not tracker.is_finished(key):
-            cfg = table.resolve(result.config)
-            tracker.start_trial(key, trial_name(cfg), trial_params(cfg), {**trial_tags(cfg), RAY_TRIAL_TAG: ray_id})
-            tracker.log_metrics(key, metrics_of(result.metrics), step=int(result.metrics.get("training_iteration", 0)))
-            finish_from_checkpoint(tracker, key, result.checkpoint, result.metrics)
+        record_trial(tracker, table, result.config, ray_id, metrics=metrics_of(result.metrics),
+                     step=int(result.metrics.get("training_iteration", 0)), checkpoint=result.checkpoint,
+                     last=result.metrics)
     return failed, finished
 
 

@@ -229,3 +229,9 @@ def metric_keys(zero_shot: Iterable[str], config: TrialConfig) -> list[str]:
 ROW_KEYS: tuple[str, ...] = tuple(row_keys())
 FINAL_KEYS: tuple[str, ...] = tuple(final_keys())
 """Final keys with the default topk and no zero-shot set (`final_keys(names)` adds `zs/<name>/...`)."""
+
+# Files of a trial's checkpoint (`study.trial.save_checkpoint`), the same under its MLflow run's
+# `adapters/` artifacts.
+ADAPTERS_FILE = "adapters.pt"   # the adapters' tensors (`study.adapters.export_state`)
+CONFIG_FILE = "config.json"     # the resolved TrialConfig (`TrialConfig.to_dict`)
+CURVES_FILE = "curves.json"     # `TrialResult.curves`

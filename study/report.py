@@ -23,6 +23,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     sys.path.pop(0)  # see study/run.py: never let study/ shadow top-level packages
 
 from study import keys as K  # noqa: E402
+from study import tracking as T  # noqa: E402
 from study.config import METHODS  # noqa: E402
 
 # The paper's rows, in the paper's order, with short column labels.
@@ -48,25 +49,24 @@ def _client(tracking_uri: str) -> Any:
 
 def fetch_runs(tracking_uri: str, study: str) -> tuple[Any, list[Any]]:
     """The study's latest parent run and all its child runs."""
-    from study.tracking import PARENT_TAG, ROLE_TAG
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(study)
     if exp is None:
         known = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise LookupError(f"no study `{study}` at {tracking_uri}; studies there: {known}")
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{T.ROLE_TAG}` = '{T.STUDY_ROLE}'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
         raise LookupError(f"study `{study}` has no study run at {tracking_uri}")
     parent = parents[0]
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`{T.PARENT_TAG}` = '{parent.info.run_id}'",
                                   max_results=50000)
     return parent, children
 
 
 def _group_key(run: Any) -> tuple[str, str, str, str]:
     t = run.data.tags
-    return (t.get("pair", ""), t.get("dataset", ""), t.get("method", ""), t.get("lambda", ""))
+    return (t.get(T.PAIR_TAG, ""), t.get(T.DATASET_TAG, ""), t.get(T.METHOD_TAG, ""), t.get(T.LAMBDA_TAG, ""))
 
 
 def _sort_key(key: tuple[str, str, str, str]) -> tuple:
@@ -83,7 +83,7 @@ def summarize(children: Sequence[Any]) -> tuple[list[dict[str, Any]], list[dict[
         if run.info.status == "FINISHED":
             groups[_group_key(run)].append(run)
         elif run.info.status == "FAILED":
-            error_lines = run.data.tags.get("lc.error", "").strip().splitlines()
+            error_lines = run.data.tags.get(T.ERROR_TAG, "").strip().splitlines()
             failed.append({"run": run.info.run_name or run.info.run_id, "error": error_lines[-1] if error_lines else ""})
     rows = []
     for key in sorted(groups, key=_sort_key):
@@ -210,16 +210,25 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def backfill_ylabel(runs: Sequence[Any]) -> str:
+    """The y-axis of the backfill curves: the runs' `backfill_metric` (a TrialConfig field, a param of
+    every trial run), e.g. "mAP (%)"; several when the runs differ."""
+    names = sorted({run.data.params.get("backfill_metric", "") for run in runs} - {""})
+    return f"{' / '.join(names) or 'backfill metric'} (%)"
+
+
 def plot_backfill(client: Any, children: Sequence[Any], path: Path) -> bool:
     """Backfill curves (paper order solid, random dashed), mean over seeds, per cell and method."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     curves: dict[tuple[str, str], dict[str, dict[str, list[np.ndarray]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    runs_of: dict[tuple[str, str], list[Any]] = defaultdict(list)
     for run in children:
         if run.info.status != "FINISHED" or K.BACKFILL_AUC_PAPER not in run.data.metrics:
             continue
         pair, ds, method, lam = _group_key(run)
+        runs_of[(pair, ds)].append(run)
         label = method if method != "lambda" else f"λ={lam}"
         for key in (K.CURVE_PAPER, K.CURVE_RANDOM):
             hist = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
@@ -236,7 +245,7 @@ def plot_backfill(client: Any, children: Sequence[Any], path: Path) -> bool:
                     ax.plot(np.linspace(0, 1, len(y)), y, style, color=f"C{i % 10}",
                             label=f"{label} ({'paper order' if key == K.CURVE_PAPER else 'random'})")
         ax.set_xlabel("beta (fraction of gallery backfilled)")
-        ax.set_ylabel("top-1 %")
+        ax.set_ylabel(backfill_ylabel(runs_of[(pair, ds)]))
         ax.set_title(f"{pair} on {ds}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)

@@ -5,10 +5,16 @@ trial. Every write is idempotent with respect to a resume: a child run is
 found by its Ray trial id before one is created, so an interrupted and resumed
 study never holds two runs for one trial. SQLite "database is locked" errors
 are retried.
+
+Every name this project gives MLflow (tags, artifact folders) is a constant
+here; the callback, ``cli.reconcile`` and the report use them. A trial run's
+whole lifecycle is :meth:`StudyTracker.record_trial`; :func:`load_trial`
+rebuilds a trial's config and adapters from its run id.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -18,12 +24,20 @@ from urllib.parse import urlparse
 T = TypeVar("T")
 
 ROLE_TAG = "lc.role"            # "study" on the parent, "trial" on children
+STUDY_ROLE, TRIAL_ROLE = "study", "trial"
 STUDY_TAG = "lc.study"
 TRIAL_ID_TAG = "lc.trial_key"         # a trial's identity across resumes (see study.tune.TrialTable.key)
 RAY_TRIAL_TAG = "lc.ray_trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 ERROR_TAG = "lc.error"
 NODE_TAG = "lc.node_id"                # Ray node that ran the trial's final epoch
+FINAL_TAG = "lc.final"                 # "1": the run holds the trial's final metrics
+# What a trial run is grouped by (the report's rows, the MLflow UI's Group by).
+METHOD_TAG, PAIR_TAG, DATASET_TAG, LAMBDA_TAG, SEED_TAG = "method", "pair", "dataset", "lambda", "seed"
+# The study run's provenance.
+SPACE_SHA_TAG, SPACE_FILE_TAG, GIT_COMMIT_TAG = "lc.space_sha256", "lc.space_file", "lc.git_commit"
+VERSION_TAG_PREFIX = "lc.version."     # + package name
+ADAPTERS_DIR = "adapters"              # a trial run's checkpoint files (study.keys.ADAPTERS_FILE, ...)
 
 
 class TrackingError(RuntimeError):
@@ -111,15 +125,14 @@ class StudyTracker:
         """Open (or reopen after an interruption) the study's parent run."""
         exp = self._experiment()
         found = _retry(lambda: self.client.search_runs(
-            [exp], filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=1, order_by=["attributes.start_time DESC"]))
+            [exp], filter_string=f"tags.`{ROLE_TAG}` = '{STUDY_ROLE}'", max_results=1, order_by=["attributes.start_time DESC"]))
         if found:
             self.parent_run_id = found[0].info.run_id
             _retry(lambda: self.client.update_run(self.parent_run_id, status="RUNNING"))
         else:
-            run = _retry(lambda: self.client.create_run(exp, run_name=self.study, tags={ROLE_TAG: "study", STUDY_TAG: self.study, **tags}))
+            run = _retry(lambda: self.client.create_run(exp, run_name=self.study, tags={ROLE_TAG: STUDY_ROLE, STUDY_TAG: self.study, **tags}))
             self.parent_run_id = run.info.run_id
-            from mlflow.entities import Param
-            _retry(lambda: self.client.log_batch(self.parent_run_id, params=[Param(k, _param(v)) for k, v in params.items()]))
+            self._log_params(self.parent_run_id, params)
             for path in artifacts:
                 _retry(lambda: self.client.log_artifact(self.parent_run_id, str(path)))
         self.refresh()
@@ -175,13 +188,38 @@ class StudyTracker:
         if run_id is not None:
             _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
             return run_id
-        all_tags = {ROLE_TAG: "trial", STUDY_TAG: self.study, TRIAL_ID_TAG: trial_id, PARENT_TAG: self.parent_run_id, **tags}
+        all_tags = {ROLE_TAG: TRIAL_ROLE, STUDY_TAG: self.study, TRIAL_ID_TAG: trial_id, PARENT_TAG: self.parent_run_id, **tags}
         run = _retry(lambda: self.client.create_run(self._experiment(), run_name=name, tags=all_tags))
         run_id = run.info.run_id
-        from mlflow.entities import Param
-        _retry(lambda: self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()]))
+        self._log_params(run_id, params)
         self._runs[trial_id] = run_id
         return run_id
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+        batch = [Param(k, param_value(v)) for k, v in params.items()]
+        for i in range(0, len(batch), MAX_PARAMS_TAGS_PER_BATCH):
+            _retry(lambda: self.client.log_batch(run_id, params=batch[i:i + MAX_PARAMS_TAGS_PER_BATCH]))
+
+    def record_trial(self, trial_id: str, name: str, params: dict[str, Any], tags: dict[str, str], *,
+                     metrics: dict[str, float] | None = None, step: int = 0, final: bool | None = None,
+                     curves: dict[str, list[float]] | None = None, folder: Path | None = None) -> None:
+        """A trial run's lifecycle, one call per stage, idempotent across resumes: open the run (create
+        it, or reopen it as RUNNING), log `metrics` at `step`; with `final` given (the trial ended),
+        log `curves` as metric histories and `folder` (its checkpoint) as artifacts under
+        ADAPTERS_DIR, tag FINAL_TAG and mark the run FINISHED. A FINISHED run is left as it is."""
+        if self.start_trial(trial_id, name, params, tags) is None:
+            return
+        if metrics:
+            self.log_metrics(trial_id, metrics, step)
+        if final is None:
+            return
+        for key, values in (curves or {}).items():
+            self.log_series(trial_id, key, values)
+        if folder is not None:
+            self.log_artifacts(trial_id, folder, ADAPTERS_DIR)
+        self.finish_trial(trial_id, {FINAL_TAG: "1" if final else "0"})
 
     def log_metrics(self, trial_id: str, metrics: dict[str, float], step: int) -> None:
         run_id = self._run_of(trial_id)
@@ -230,7 +268,52 @@ class StudyTracker:
         _retry(lambda: self.client.log_text(self.parent_run_id, json.dumps(payload, indent=2, default=str), artifact_file))
 
 
-def _param(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """An MLflow param's text, the same rule for every param: None -> "", numbers as Python writes
+    them ("0.001", "30.0", "inf"), booleans "true"/"false", lists, tuples and mappings as JSON
+    (non-finite numbers in them as "inf", "-inf", "nan"); cut to MLflow's length limit with a
+    trailing "..." (the whole value is in the run's ADAPTERS_DIR/config.json)."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+    if value is None:
+        text = ""
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (list, tuple, dict)):
+        text = json.dumps(_finite(value))
+    else:
+        text = str(value)
+    return text if len(text) <= MAX_PARAM_VAL_LENGTH else text[:MAX_PARAM_VAL_LENGTH - 3] + "..."
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float replaced by its text (JSON has no inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return "" if value is None else str(value)
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def load_trial(run_id: str, tracking_uri: str) -> tuple[Any, Any, Any]:
+    """(TrialConfig, B, F) of a finished trial run, rebuilt from its ADAPTERS_DIR artifacts; LookupError
+    when the run has none
+    (`study.trial.load_checkpoint`: B and F frozen nn.Linear modules, None where the method has none;
+    apply them to features preprocessed as the config says, e.g. L2-normalised).
+
+        config, B, F = load_trial(run_id, "sqlite:///mlflow.db")
+    """
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from study.trial import load_checkpoint
+    from study.keys import CONFIG_FILE
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if CONFIG_FILE not in {Path(a.path).name for a in _retry(lambda: client.list_artifacts(run_id, ADAPTERS_DIR))}:
+        raise LookupError(f"run {run_id} at {tracking_uri} has no {ADAPTERS_DIR}/{CONFIG_FILE}: the trial did not "
+                          "finish, or it was logged before configs were recorded")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _retry(lambda: client.download_artifacts(run_id, ADAPTERS_DIR, tmp))
+        return load_checkpoint(folder)

@@ -38,10 +38,12 @@ Protocol (see `study.keys` for every key):
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -66,7 +68,8 @@ from study.preprocess import Preprocess, as_tensor
 from study.regularizers import build_regularizer
 from study.trainer import DivergedError, resolve_device, train
 
-__all__ = ["TrialData", "TrialResult", "run_trial", "normalize_rows", "load_adapters", "DivergedError"]
+__all__ = ["TrialData", "TrialResult", "run_trial", "normalize_rows", "load_adapters", "DivergedError",
+           "save_checkpoint", "load_checkpoint"]
 
 NAN = float("nan")
 
@@ -464,3 +467,22 @@ def run_trial(
         curves=curves,
         config=cfg.to_dict(),
     )
+
+
+# ---------------------------------------------------------------------------
+def save_checkpoint(result: TrialResult, folder: str | Path) -> None:
+    """Write a trial's checkpoint into `folder`: the adapters (`keys.ADAPTERS_FILE`), its resolved
+    config (`keys.CONFIG_FILE`) and its curves (`keys.CURVES_FILE`)."""
+    folder = Path(folder)
+    torch.save(result.state, folder / K.ADAPTERS_FILE)
+    (folder / K.CONFIG_FILE).write_text(json.dumps(result.config, indent=1))
+    (folder / K.CURVES_FILE).write_text(json.dumps(result.curves))
+
+
+def load_checkpoint(folder: str | Path) -> tuple[TrialConfig, nn.Linear | None, nn.Linear | None]:
+    """The trial's config and its B and F (frozen, as `load_adapters` builds them) from a folder that
+    `save_checkpoint` wrote (a Ray checkpoint, or the `adapters/` artifacts of its MLflow run)."""
+    folder = Path(folder)
+    config = TrialConfig.from_dict(json.loads((folder / K.CONFIG_FILE).read_text()))
+    B, F = load_adapters(torch.load(folder / K.ADAPTERS_FILE, weights_only=True))
+    return config, B, F

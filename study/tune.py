@@ -23,8 +23,11 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
+from study import keys as K
+from study import tracking as T
+from study.config import TrialConfig
 from study.space import FeatureKey, StudySpec, trial_name
-from study.tracking import NODE_TAG, RAY_TRIAL_TAG, StudyTracker
+from study.tracking import StudyTracker
 
 FeatureHandles = dict[str, Any]   # str(FeatureKey) -> backbones.Handle (a path and a shape, no arrays)
 # Keys Ray adds to every result; everything else a trial reports is a metric of ours.
@@ -218,9 +221,7 @@ def trial_data(config: dict[str, Any], features: FeatureHandles) -> Any:
 
 def run_one(config: dict[str, Any], features: FeatureHandles, table: TrialTable) -> None:
     """One trial: per-epoch reports, then the final metrics with the adapters as a checkpoint."""
-    import torch
-
-    from study.trial import run_trial
+    from study.trial import run_trial, save_checkpoint
 
     config = table.resolve(config)
     data = trial_data(config, features)
@@ -241,8 +242,7 @@ def run_one(config: dict[str, Any], features: FeatureHandles, table: TrialTable)
     result = run_trial(trial_config(config), data, on_epoch=on_epoch)
     final = {**result.metrics, "final": 1}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(result.state, Path(tmp) / "adapters.pt")
-        (Path(tmp) / "curves.json").write_text(json.dumps(result.curves))
+        save_checkpoint(result, tmp)
         (Path(tmp) / "metrics.json").write_text(json.dumps(final))
         tune.report({**final, **node}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
@@ -263,17 +263,38 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
-    flat = {k: v for k, v in config.items() if k != "train"}
-    flat.update({f"train.{k}": v for k, v in config.get("train", {}).items()})
-    return flat
+    """A trial run's params: its cell (pair, backbones, data set and splits, zero-shot sets) and
+    every field of its resolved TrialConfig (lam, alpha, lr, temperature, w1..w3, ...)."""
+    cell = {k: v for k, v in config.items() if k not in ("train", "method", "lam", "alpha", "seed")}
+    return {**cell, **TrialConfig.from_dict(trial_config(config)).to_dict()}
 
 
 def trial_tags(config: dict[str, Any]) -> dict[str, str]:
     lam = config.get("lam")
     return {
-        "method": config["method"], "pair": config["pair"], "dataset": config["dataset"],
-        "lambda": "" if lam is None else f"{lam:g}", "seed": str(config["seed"]),
+        T.METHOD_TAG: config["method"], T.PAIR_TAG: config["pair"], T.DATASET_TAG: config["dataset"],
+        T.LAMBDA_TAG: "" if lam is None else f"{lam:g}", T.SEED_TAG: str(config["seed"]),
     }
+
+
+def record_trial(tracker: StudyTracker, table: TrialTable, config: dict[str, Any], ray_trial_id: str, *,
+                 metrics: dict[str, float] | None = None, step: int = 0, checkpoint: Any = None,
+                 last: dict[str, Any] | None = None) -> None:
+    """`StudyTracker.record_trial` for a Ray trial: its run's name, params and tags from the table;
+    with `last` (its last result) the trial ended: its `checkpoint`'s curves and files are logged
+    and the run finished."""
+    key, cfg = table.key(config, ray_trial_id), table.resolve(config)
+    if tracker.is_finished(key):
+        return
+    args = (key, trial_name(cfg), trial_params(cfg), {**trial_tags(cfg), T.RAY_TRIAL_TAG: ray_trial_id})
+    if last is None or checkpoint is None:
+        tracker.record_trial(*args, metrics=metrics, step=step, final=None if last is None else bool(last.get("final")))
+        return
+    with checkpoint.as_directory() as folder:
+        curves_file = Path(folder) / K.CURVES_FILE
+        curves = json.loads(curves_file.read_text()) if curves_file.exists() else {}
+        tracker.record_trial(*args, metrics=metrics, step=step, final=bool(last.get("final")), curves=curves,
+                             folder=Path(folder))
 
 
 class MLflowCallback(tune.Callback):
@@ -283,37 +304,20 @@ class MLflowCallback(tune.Callback):
         self.tracker, self.table = tracker, table
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        cfg = self.table.resolve(trial.config)
-        self.tracker.start_trial(self.table.key(trial.config, trial.trial_id), trial_name(cfg), trial_params(cfg),
-                                 {**trial_tags(cfg), RAY_TRIAL_TAG: trial.trial_id})
+        record_trial(self.tracker, self.table, trial.config, trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         key = self.table.key(trial.config, trial.trial_id)
         self.tracker.log_metrics(key, metrics_of(result), step=int(result.get("training_iteration", 0)))
         if "node_id" in result:
-            self.tracker.set_tag(key, NODE_TAG, str(result["node_id"]))
+            self.tracker.set_tag(key, T.NODE_TAG, str(result["node_id"]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        finish_from_checkpoint(self.tracker, self.table.key(trial.config, trial.trial_id), trial.checkpoint,
-                               trial.last_result or {})
+        record_trial(self.tracker, self.table, trial.config, trial.trial_id, checkpoint=trial.checkpoint,
+                     last=trial.last_result or {})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.tracker.fail_trial(self.table.key(trial.config, trial.trial_id), _error_text(trial))
-
-
-def finish_from_checkpoint(tracker: StudyTracker, trial_id: str, checkpoint: Any, last: dict[str, Any]) -> None:
-    """Log curves and adapter weights from the final checkpoint, then mark the run FINISHED."""
-    if tracker.is_finished(trial_id):
-        return
-    tags = {"lc.final": "1" if last.get("final") else "0"}
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            curves_file = Path(folder) / "curves.json"
-            if curves_file.exists():
-                for key, values in json.loads(curves_file.read_text()).items():
-                    tracker.log_series(trial_id, key, values)
-            tracker.log_artifacts(trial_id, Path(folder), "adapters")
-    tracker.finish_trial(trial_id, tags)
 
 
 def _error_text(trial: Any) -> str:
@@ -364,14 +368,21 @@ class Experiment:
     total: int
     search_alg: Any = None
     num_samples: int = 1
+    optuna_storage: str | None = None   # the database of the search's Optuna study (named `name`)
 
 
-def experiments(spec: StudySpec) -> list[Experiment]:
-    """The Tune experiments of a study: one grid, or one Optuna search per (pair, data set, seed) cell."""
+def experiments(spec: StudySpec, optuna_storage: str | None = None) -> list[Experiment]:
+    """The Tune experiments of a study: one grid, or one Optuna search per (pair, data set, seed) cell.
+
+    Each search is an Optuna study of the experiment's name in `optuna_storage` (a database URL;
+    None: in memory), so optuna-dashboard shows it and a resumed search continues it."""
     if spec.search.kind == "grid":
         table = TrialTable(spec.trial_table())
         return [Experiment(spec.name, {GRID_KEY: tune.grid_search(list(table.base))}, table, len(table.base))]
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
+    storage = optuna.storages.RDBStorage(optuna_storage) if optuna_storage else None
+    directions = ["maximize" if m == "max" else "minimize" for m in spec.search.modes]
     out = []
     for cell in spec.cells():
         for seed in spec.seeds:
@@ -379,9 +390,28 @@ def experiments(spec: StudySpec) -> list[Experiment]:
             base = {**cell, "method": "lambda", "seed": seed, "train": dict(spec.train)}
             table = TrialTable({name: base}, searched=("lam", "alpha"))
             space = {GRID_KEY: name, "lam": tune.uniform(*spec.search.lam), "alpha": tune.loguniform(*spec.search.alpha)}
-            searcher = OptunaSearch(metric=list(spec.search.metrics), mode=list(spec.search.modes), seed=seed)
-            out.append(Experiment(name, space, table, spec.search.n_trials, searcher, spec.search.n_trials))
+            if storage is not None:  # the objectives' names, for the dashboard (OptunaSearch loads this study)
+                optuna.create_study(storage=storage, study_name=name, directions=directions,
+                                    load_if_exists=True).set_metric_names(list(spec.search.metrics))
+            searcher = OptunaSearch(metric=list(spec.search.metrics), mode=list(spec.search.modes), seed=seed,
+                                    study_name=name, storage=storage)
+            out.append(Experiment(name, space, table, spec.search.n_trials, searcher, spec.search.n_trials,
+                                  optuna_storage))
     return out
+
+
+def fail_stale_optuna_trials(exp: Experiment) -> int:
+    """Mark FAIL the trials of an ended search's Optuna study that are still RUNNING: asked by a driver
+    that was killed before Ray's state recorded them, so the resumed search asked again. Returns
+    how many."""
+    if exp.optuna_storage is None:
+        return 0
+    import optuna
+    study = optuna.load_study(study_name=exp.name, storage=exp.optuna_storage)
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in stale:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(stale)
 
 
 def _name_of(table: TrialTable, trial: Any) -> str:

@@ -37,6 +37,23 @@ def test_mlflow_unreachable_is_a_clear_error_before_anything_starts(tmp_path, ca
     assert not (tmp_path / "rr").exists()
 
 
+@pytest.mark.parametrize("url", ["sqlite:///{tmp}/no/such/folder/optuna.db", "nosuchdb://host/optuna"])
+def test_unusable_optuna_storage_is_a_clear_error_before_anything_starts(tmp_path, capsys, url) -> None:
+    space = SMOKE.parent / "optuna.yaml"
+    code = cli.main(["--space", str(space), "--storage", str(tmp_path / "rr"), "--tracking-uri",
+                     f"sqlite:///{tmp_path / 'm.db'}", "--optuna-storage", url.format(tmp=tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: --optuna-storage: cannot open"), err
+    assert not (tmp_path / "rr").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_default_optuna_storage_sits_beside_mlflow_db(tmp_path, monkeypatch) -> None:
+    assert cli.default_optuna_storage(f"sqlite:///{tmp_path / 'mlflow.db'}") == f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.chdir(tmp_path)
+    assert cli.default_optuna_storage("http://127.0.0.1:5000") == f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
 def test_storage_not_a_folder(tmp_path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")

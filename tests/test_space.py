@@ -241,6 +241,24 @@ def test_readme_method_list_matches_the_registry() -> None:
     assert listed == list_methods()
 
 
+def test_documented_defaults_are_trialconfigs() -> None:
+    """The schema's defaults of TrialConfig fields (the `alpha` row, `name` = value in the `train` row)
+    are TrialConfig's, and every field the `train` row names exists."""
+    import dataclasses
+
+    from study.config import TrialConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
+    rows = {line.split("|")[1].strip(): line.split("|") for line in (SPACES / "README.md").read_text().splitlines()
+            if line.startswith("| `")}
+    assert yaml.safe_load(rows["`alpha`"][3].strip().strip("`")) == defaults["alpha"]
+    quoted = re.findall(r"`(\w+)` = ([^,;( ]+)", rows["`train`"][4])
+    assert len(quoted) >= 10
+    for name, value in quoted:
+        assert name in defaults, name
+        assert yaml.safe_load(value) == defaults[name], (name, value, defaults[name])
+
+
 def test_readme_fault_table_counts_the_bad_cases() -> None:
     readme = (SPACES.parent / "README.md").read_text()
     assert f"| bad input: {len(BAD)} cases in one table" in readme
