@@ -481,7 +481,9 @@ def save_checkpoint(result: TrialResult, folder: str | Path) -> None:
 
 def load_checkpoint(folder: str | Path) -> tuple[TrialConfig, nn.Linear | None, nn.Linear | None]:
     """The trial's config and its B and F (frozen, as `load_adapters` builds them) from a folder that
-    `save_checkpoint` wrote (a Ray checkpoint, or the `adapters/` artifacts of its MLflow run)."""
+    `save_checkpoint` wrote (a Ray checkpoint, or the `adapters/` artifacts of its MLflow run).
+    With `config.pca`, B and F act on the reduced features: each model's normalised features
+    times its basis in the same `adapters.pt` (`old.pca`, `new.pca`), normalised again."""
     folder = Path(folder)
     config = TrialConfig.from_dict(json.loads((folder / K.CONFIG_FILE).read_text()))
     B, F = load_adapters(torch.load(folder / K.ADAPTERS_FILE, weights_only=True))
