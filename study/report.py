@@ -351,17 +351,28 @@ def plot_index_drop(rows: list[dict[str, Any]], path: Path) -> bool:
 def build_report(tracking_uri: str, study: str, out_dir: Path) -> Report:
     """Summary table and plots for a study, written to `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    from study import sequence_report
+
     _, children = fetch_runs(tracking_uri, study)
+    seq_runs = [r for r in children if r.info.status == "FINISHED" and sequence_report.sequence_length(r.data.metrics)]
+    children = [r for r in children if r not in seq_runs]
     rows, failed = summarize(children)
     index_rows = summarize_index(children)
-    markdown = to_markdown(study, rows, failed) + (index_markdown(index_rows) if index_rows else "")
+    seq_groups: dict[tuple, list[dict[str, float]]] = defaultdict(list)
+    for run in sorted(seq_runs, key=lambda r: _sort_key(_group_key(r))):
+        seq_groups[_group_key(run)].append(run.data.metrics)
+    seq_rows = sequence_report.summarize(seq_groups)
+    markdown = (to_markdown(study, rows, failed) if rows or failed or not seq_rows else "")
+    markdown += ((index_markdown(index_rows) if index_rows else "")
+                + (sequence_report.markdown(seq_rows) if seq_rows else ""))
     md_path, csv_path = out_dir / "summary.md", out_dir / "summary.csv"
     md_path.write_text(markdown)
     write_csv(csv_path, rows)
     files = [csv_path, md_path]
     for name, fn in (("lambda_sweep.png", lambda p: plot_lambda_sweep(rows, p)), ("pareto.png", lambda p: plot_pareto(rows, p)),
                      ("backfill.png", lambda p: plot_backfill(_client(tracking_uri), children, p)),
-                     ("index_drop.png", lambda p: plot_index_drop(index_rows, p))):
+                     ("index_drop.png", lambda p: plot_index_drop(index_rows, p)),
+                     ("sequence_ac_am.png", lambda p: sequence_report.plot_against_lambda(seq_rows, p))):
         if fn(out_dir / name):
             files.append(out_dir / name)
     return Report(rows=rows, failed=failed, markdown=markdown, files=files)
