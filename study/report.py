@@ -147,27 +147,35 @@ def plot_lambda_sweep(rows: list[dict[str, Any]], path: Path) -> bool:
     for (pair, ds), ax_row in zip(cells, axes):
         group = cells[(pair, ds)]
         lam_rows = sorted((r for r in group if r["method"] == "lambda"), key=lambda r: float(r["lambda"]))
-        lams = [float(r["lambda"]) for r in lam_rows]
         for ax, metric, label in ((ax_row[0], "B/B/top1", "B/B top-1 - new/new top-1 (gain)"), (ax_row[1], K.ZS_MEAN, "ZS (zero-shot retention)")):
             def value(r: dict[str, Any]) -> tuple[float, float]:
                 if metric == "B/B/top1":
                     return (r["B/B/top1"][0] - r["new/new/top1"][0], r["B/B/top1"][1])
                 return r[metric]
-            ys = [value(r) for r in lam_rows]
-            ax.errorbar(lams, [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", label="lambda-orthogonal")
-            for ref, style in (("orthogonal", "--"), ("affine", ":")):
-                for r in group:
-                    if r["method"] == ref:
-                        ax.axhline(value(r)[0], linestyle=style, color="gray" if ref == "orthogonal" else "red", label=ref)
-            ax.set_xlabel("lambda")
-            ax.set_ylabel(label)
-            ax.set_title(f"{pair} on {ds}", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            sweep_panel(ax, lam_rows, group, value, label, f"{pair} on {ds}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def sweep_panel(ax: Any, lam_rows: list[dict[str, Any]], group: list[dict[str, Any]],
+                value: Any, label: str, title: str) -> None:
+    """One panel against lambda: `value(row) -> (mean, std)` of the lambda rows with error bars, the
+    group's orthogonal and affine rows as reference lines."""
+    ys = [value(r) for r in lam_rows]
+    if lam_rows:
+        ax.errorbar([float(r["lambda"]) for r in lam_rows], [y[0] for y in ys], yerr=[y[1] for y in ys],
+                    marker="o", label="lambda-orthogonal")
+    for ref, style in (("orthogonal", "--"), ("affine", ":")):
+        for r in group:
+            if r["method"] == ref:
+                ax.axhline(value(r)[0], linestyle=style, color="gray" if ref == "orthogonal" else "red", label=ref)
+    ax.set_xlabel("lambda")
+    ax.set_ylabel(label)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

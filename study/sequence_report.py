@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from study import keys as K
+from study.report import sweep_panel
 
 SUMMARY = (("AC", "top1"), ("AM", "top1"), ("AC", "mAP"), ("AM", "mAP"))
 
@@ -117,18 +118,7 @@ def plot_against_lambda(rows: list[dict[str, Any]], path: Path) -> bool:
     for ((seq, ds), group), ax_row in zip(cells.items(), axes):
         lam_rows = sorted((r for r in group if r["method"] == "lambda"), key=lambda r: float(r["lambda"]))
         for ax, col in zip(ax_row, ("AC/top1", "AM/top1")):
-            if lam_rows:
-                ax.errorbar([float(r["lambda"]) for r in lam_rows], [r[col][0] for r in lam_rows],
-                            yerr=[r[col][1] for r in lam_rows], marker="o", label="lambda-orthogonal")
-            for ref, style, color in (("orthogonal", "--", "gray"), ("affine", ":", "red")):
-                for r in group:
-                    if r["method"] == ref:
-                        ax.axhline(r[col][0], linestyle=style, color=color, label=ref)
-            ax.set_xlabel("lambda")
-            ax.set_ylabel(col)
-            ax.set_title(f"{seq} on {ds}", fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            sweep_panel(ax, lam_rows, group, lambda r, col=col: r[col], col, f"{seq} on {ds}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
