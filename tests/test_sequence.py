@@ -156,3 +156,23 @@ def test_sequence_module_imports_neither_ray_nor_mlflow():
     code = ("import sys, study.sequence; bad = [m for m in ('ray', 'mlflow') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_report_rows_average_seeds_of_the_summary_keys(tmp_path):
+    from study import sequence_report as SR
+
+    def trial(ac: float, am: float, zs: float) -> dict[str, float]:
+        m = {K.seq_matrix_key(s, i, j): 50.0 for s in K.SEQ_STATS for i in range(3) for j in range(i + 1)}
+        m.update({K.seq_summary_key(n, s): v for n, v in (("AC", ac), ("AM", am)) for s in K.SEQ_STATS})
+        return {**m, K.seq_zs_key(2, 0): zs, K.seq_zs_key(1, 0): 99.0}
+
+    assert SR.sequence_length(trial(0, 0, 0)) == 3 and SR.sequence_length({"B/old/top1": 1.0}) == 0
+    key = ("a->b->c", "mnist", "lambda", "12")
+    rows = SR.summarize({key: [trial(1.0, 60.0, -1.0), trial(0.0, 70.0, -3.0)], ("x", "y", "affine", ""): [{}]})
+    assert len(rows) == 1 and rows[0]["n"] == 2
+    assert rows[0]["AC/top1"] == (0.5, 0.5) and rows[0]["AM/mAP"] == (65.0, 5.0)
+    assert rows[0]["ZS final"] == (-2.0, 1.0)   # the map newest -> oldest, not 1 -> 0
+    assert "| a->b->c | mnist | lambda | 12 | 2 | 0.50 ± 0.50 | 65.00 ± 5.00 |" in SR.markdown(rows)
+    files = SR.write_matrices(trial(1.0, 60.0, -1.0), 3, tmp_path)
+    assert [f.name for f in files] == ["matrix_top1.csv", "matrix_mAP.csv", "matrix.png"]
+    assert (tmp_path / "matrix_top1.csv").read_text().splitlines()[1:3] == ["0,50.0000,,", "1,50.0000,50.0000,"]
