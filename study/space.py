@@ -19,7 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from study import keys as K
-from study.config import TrialConfig, list_methods
+from study.config import METHODS, TrialConfig, list_methods
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 SCHEDULERS = ("none", "asha")
@@ -556,8 +556,6 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
 
 def _check_sequence_study(c: _Checker, top: dict, methods: tuple[str, ...], search: Search) -> None:
     """What a sequence study cannot do: methods without a backward adapter, searches, indexes."""
-    from study.config import METHODS
-
     for i, method in enumerate(methods):
         if METHODS[method].backward is None:
             raise c.fail(f"methods[{i}]", f"method `{method}` trains no backward adapter, and a sequence composes "
