@@ -31,3 +31,14 @@ register_backbone(BackboneCfg(
     "mnist_new", "trained", "resnet18d", 256, 32, offline=True, fixed_input_size=True,
     train=TrainCfg("resnet18d", "mnist", classes=tuple(range(10)), seed=1, embed_dim=256),
 ))
+
+# A class-extension sequence (study `sequence.yaml`): digits 0-3 -> 0-6 -> 0-9 (the last is `mnist_new`),
+# each with its own seed, arch and embedding size (128 -> 192 -> 256).
+register_backbone(BackboneCfg(
+    "mnist_0to3", "trained", "resnet18", 128, 32, offline=True, fixed_input_size=True,
+    train=TrainCfg("resnet18", "mnist", classes=(0, 1, 2, 3), seed=2, embed_dim=128),
+))
+register_backbone(BackboneCfg(
+    "mnist_0to6", "trained", "resnet10t", 192, 32, offline=True, fixed_input_size=True,
+    train=TrainCfg("resnet10t", "mnist", classes=tuple(range(7)), seed=3, embed_dim=192),
+))

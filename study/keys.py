@@ -80,6 +80,26 @@ Per-epoch keys (what `on_epoch(epoch, metrics)` receives, what Ray Tune sees):
 keys `B/old/top1`, `B/B/top1`, `B/F/top1`, `orth/B` and `zs/mean`, recomputed every `eval_every`
 epochs (and at the first and last epoch) and carried forward in between so
 that every report has them; `eval_epoch` says when they were computed.
+
+Keys of a sequence trial (`study.sequence.run_sequence_trial`), models 0 (oldest) .. T-1:
+
+    seq/<stat>/<i>/<j>          M[i][j], stat top1 or mAP, for j <= i: model i's eval queries, mapped by
+                                B_{j+1} o ... o B_i (`compose: chain`), against model j's eval gallery,
+                                leave-one-out; M[i][i] is model i's own x/x retrieval
+    seq/AC/<stat>, seq/AM/<stat>  `metrics.ac_am` of that matrix: AC share of i > j with M[i][j] > M[j][j]
+                                (strict, in [0, 1]); AM mean of the lower triangle (percent)
+    seq/zs/<i>/<j>/<set>        zero-shot retention of the map i -> j on model i's features of <set>:
+                                top1(map(x)/map(x)) - top1(x/x); seq/zs/<i>/<j>/mean their mean
+    seq/orth/<i>/<j>            ||W^T W - I||_F of the map's matrix W (the smaller Gram when W is not
+                                square); j = i - 1 is B_i itself
+    seq/direct/...              with `compose: direct`: the same keys (matrix, AC/AM, zs, orth) with one
+                                adapter trained straight from i to j for j < i - 1 (consecutive entries
+                                are the chain's B_i)
+    step<t>/<key>               every pair key of the update t-1 -> t (`final_keys`), t = 1 .. T-1
+    time/sequence_s             wall-clock seconds of the whole sequence trial
+
+Where dims differ, B_i's n_i-dim output is cut to model i-1's first n_{i-1} coordinates (the
+paper's rule) or zero-padded to them, before the next map.
 """
 from __future__ import annotations
 
@@ -235,3 +255,60 @@ FINAL_KEYS: tuple[str, ...] = tuple(final_keys())
 ADAPTERS_FILE = "adapters.pt"   # the adapters' tensors (`study.adapters.export_state`)
 CONFIG_FILE = "config.json"     # the resolved TrialConfig (`TrialConfig.to_dict`)
 CURVES_FILE = "curves.json"     # `TrialResult.curves`
+
+# ---------------------------------------------------------------------------
+# Sequence trials (`study.sequence`): T models, oldest first, one adapter set per update
+# ---------------------------------------------------------------------------
+SEQ_STATS: tuple[str, ...] = ("top1", "mAP")
+SEQ_TIME = "time/sequence_s"
+COMPOSE_MODES: tuple[str, ...] = ("chain", "direct")
+
+
+def seq_matrix_key(stat: str, i: int, j: int, compose: str = "chain") -> str:
+    """`seq_matrix_key("top1", 2, 0) == "seq/top1/2/0"`; with compose "direct": `seq/direct/top1/2/0`."""
+    return "/".join((_seq_prefix(compose), stat, str(i), str(j)))
+
+
+def seq_summary_key(name: str, stat: str, compose: str = "chain") -> str:
+    """`seq_summary_key("AC", "top1") == "seq/AC/top1"` (name AC or AM)."""
+    return "/".join((_seq_prefix(compose), name, stat))
+
+
+def seq_zs_key(i: int, j: int, name: str = "mean", compose: str = "chain") -> str:
+    return "/".join((_seq_prefix(compose), "zs", str(i), str(j), name))
+
+
+def seq_orth_key(i: int, j: int, compose: str = "chain") -> str:
+    return "/".join((_seq_prefix(compose), "orth", str(i), str(j)))
+
+
+def step_key(t: int, key: str) -> str:
+    """`step_key(1, "B/old/top1") == "step1/B/old/top1"`: a pair key of the update t-1 -> t."""
+    return f"step{t}/{key}"
+
+
+def _seq_prefix(compose: str) -> str:
+    if compose not in COMPOSE_MODES:
+        raise ValueError(f"unknown compose {compose!r}; allowed: {', '.join(COMPOSE_MODES)}")
+    return "seq" if compose == "chain" else "seq/direct"
+
+
+def _seq_compose_keys(t: int, zero_shot: Sequence[str], compose: str) -> list[str]:
+    lower = [(i, j) for i in range(t) for j in range(i)]
+    out = [seq_matrix_key(s, i, j, compose) for s in SEQ_STATS for i in range(t) for j in range(i + 1)]
+    out += [seq_summary_key(name, s, compose) for name in ("AC", "AM") for s in SEQ_STATS]
+    for i, j in lower:
+        out += [seq_zs_key(i, j, z, compose) for z in zero_shot] + [seq_zs_key(i, j, compose=compose)]
+    return out + [seq_orth_key(i, j, compose) for i, j in lower]
+
+
+def sequence_keys(t: int, zero_shot: Iterable[str] = (), topk: Sequence[int] = DEFAULT_TOPK,
+                  compose: str = "chain") -> list[str]:
+    """Every key of a sequence trial of `t` models with these zero-shot set names."""
+    zs = [check_zero_shot_name(z) for z in zero_shot]
+    out = _seq_compose_keys(t, zs, "chain")
+    if compose == "direct":
+        out += _seq_compose_keys(t, zs, "direct")
+    pair = final_keys(zs, topk)
+    out += [step_key(s, k) for s in range(1, t) for k in pair]
+    return out + [SEQ_TIME]

@@ -147,27 +147,35 @@ def plot_lambda_sweep(rows: list[dict[str, Any]], path: Path) -> bool:
     for (pair, ds), ax_row in zip(cells, axes):
         group = cells[(pair, ds)]
         lam_rows = sorted((r for r in group if r["method"] == "lambda"), key=lambda r: float(r["lambda"]))
-        lams = [float(r["lambda"]) for r in lam_rows]
         for ax, metric, label in ((ax_row[0], "B/B/top1", "B/B top-1 - new/new top-1 (gain)"), (ax_row[1], K.ZS_MEAN, "ZS (zero-shot retention)")):
             def value(r: dict[str, Any]) -> tuple[float, float]:
                 if metric == "B/B/top1":
                     return (r["B/B/top1"][0] - r["new/new/top1"][0], r["B/B/top1"][1])
                 return r[metric]
-            ys = [value(r) for r in lam_rows]
-            ax.errorbar(lams, [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", label="lambda-orthogonal")
-            for ref, style in (("orthogonal", "--"), ("affine", ":")):
-                for r in group:
-                    if r["method"] == ref:
-                        ax.axhline(value(r)[0], linestyle=style, color="gray" if ref == "orthogonal" else "red", label=ref)
-            ax.set_xlabel("lambda")
-            ax.set_ylabel(label)
-            ax.set_title(f"{pair} on {ds}", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            sweep_panel(ax, lam_rows, group, value, label, f"{pair} on {ds}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def sweep_panel(ax: Any, lam_rows: list[dict[str, Any]], group: list[dict[str, Any]],
+                value: Any, label: str, title: str) -> None:
+    """One panel against lambda: `value(row) -> (mean, std)` of the lambda rows with error bars, the
+    group's orthogonal and affine rows as reference lines."""
+    ys = [value(r) for r in lam_rows]
+    if lam_rows:
+        ax.errorbar([float(r["lambda"]) for r in lam_rows], [y[0] for y in ys], yerr=[y[1] for y in ys],
+                    marker="o", label="lambda-orthogonal")
+    for ref, style in (("orthogonal", "--"), ("affine", ":")):
+        for r in group:
+            if r["method"] == ref:
+                ax.axhline(value(r)[0], linestyle=style, color="gray" if ref == "orthogonal" else "red", label=ref)
+    ax.set_xlabel("lambda")
+    ax.set_ylabel(label)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -360,17 +368,28 @@ def plot_index_drop(rows: list[dict[str, Any]], path: Path) -> bool:
 def build_report(tracking_uri: str, study: str, out_dir: Path) -> Report:
     """Summary table and plots for a study, written to `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    from study import sequence_report
+
     _, children = fetch_runs(tracking_uri, study)
+    seq_runs = [r for r in children if r.info.status == "FINISHED" and sequence_report.sequence_length(r.data.metrics)]
+    children = [r for r in children if r not in seq_runs]
     rows, failed = summarize(children)
     index_rows = summarize_index(children)
-    markdown = to_markdown(study, rows, failed) + (index_markdown(index_rows) if index_rows else "")
+    seq_groups: dict[tuple, list[dict[str, float]]] = defaultdict(list)
+    for run in sorted(seq_runs, key=lambda r: _sort_key(_group_key(r))):
+        seq_groups[_group_key(run)].append(run.data.metrics)
+    seq_rows = sequence_report.summarize(seq_groups)
+    markdown = (to_markdown(study, rows, failed) if rows or failed or not seq_rows else "")
+    markdown += ((index_markdown(index_rows) if index_rows else "")
+                + (sequence_report.markdown(seq_rows) if seq_rows else ""))
     md_path, csv_path = out_dir / "summary.md", out_dir / "summary.csv"
     md_path.write_text(markdown)
     write_csv(csv_path, rows)
     files = [csv_path, md_path]
     for name, fn in (("lambda_sweep.png", lambda p: plot_lambda_sweep(rows, p)), ("pareto.png", lambda p: plot_pareto(rows, p)),
                      ("backfill.png", lambda p: plot_backfill(_client(tracking_uri), children, p)),
-                     ("index_drop.png", lambda p: plot_index_drop(index_rows, p))):
+                     ("index_drop.png", lambda p: plot_index_drop(index_rows, p)),
+                     ("sequence_ac_am.png", lambda p: sequence_report.plot_against_lambda(seq_rows, p))):
         if fn(out_dir / name):
             files.append(out_dir / name)
     return Report(rows=rows, failed=failed, markdown=markdown, files=files)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from study import keys as K
-from study.config import TrialConfig, list_methods
+from study.config import METHODS, TrialConfig, list_methods
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 SCHEDULERS = ("none", "asha")
@@ -75,6 +75,22 @@ class Pair:
 
 
 @dataclass(frozen=True)
+class ModelSequence:
+    """T >= 3 backbones, oldest first: a deployed model updated T-1 times (`study.sequence`)."""
+
+    models: tuple[str, ...]
+    zero_shot: tuple[ZeroShotSet, ...] | None = None  # None: the study-wide list
+
+    @property
+    def name(self) -> str:
+        return "->".join(self.models)
+
+    def zero_shot_sets(self, study_wide: tuple[ZeroShotSet, ...]) -> tuple[ZeroShotSet, ...]:
+        """This sequence's zero-shot sets: its own list if it has one, else the study-wide one."""
+        return study_wide if self.zero_shot is None else self.zero_shot
+
+
+@dataclass(frozen=True)
 class Downstream:
     dataset: str
     train: str
@@ -124,13 +140,22 @@ class StudySpec:
     max_failures: int = 1
     description: str = ""
     feature_dtype: str = "float32"  # storage (and read) precision of every feature key
+    sequences: tuple[ModelSequence, ...] = ()  # a sequence study (then `pairs` is empty)
+    compose: str = "chain"  # sequences: "chain" or "direct" (study.keys.COMPOSE_MODES)
 
     def zero_shot_for(self, pair: Pair) -> tuple[ZeroShotSet, ...]:
         return pair.zero_shot_sets(self.zero_shot)
 
     def cells(self) -> list[dict[str, Any]]:
-        """The (pair, downstream set) combinations, each with its feature keys."""
+        """The (pair or sequence, downstream set) combinations, each with its feature keys. A sequence's
+        cell names it under "pair" (its models joined by "->") and lists them under "models"."""
         out = []
+        for seq, ds in itertools.product(self.sequences, self.datasets):
+            out.append({
+                "pair": seq.name, "models": list(seq.models), "compose": self.compose,
+                "dataset": ds.dataset, "train_split": ds.train, "eval_split": ds.eval,
+                "zero_shot": [str(z) for z in seq.zero_shot_sets(self.zero_shot)],
+            })
         for pair, ds in itertools.product(self.pairs, self.datasets):
             zs = self.zero_shot_for(pair)
             out.append({
@@ -176,11 +201,17 @@ class StudySpec:
                     keys.add(FeatureKey(pair.new, ds.dataset, split))
             for z in self.zero_shot_for(pair):
                 keys.add(FeatureKey(pair.new, z.dataset, z.split))
+        for seq in self.sequences:
+            keys.update(FeatureKey(m, ds.dataset, split) for m in seq.models for ds in self.datasets
+                        for split in (ds.train, ds.eval))
+            keys.update(FeatureKey(m, z.dataset, z.split) for m in seq.models[1:]
+                        for z in seq.zero_shot_sets(self.zero_shot))
         return sorted(keys, key=str)
 
     @property
     def backbone_names(self) -> list[str]:
-        return sorted({p.old for p in self.pairs} | {p.new for p in self.pairs})
+        return sorted({p.old for p in self.pairs} | {p.new for p in self.pairs}
+                      | {m for seq in self.sequences for m in seq.models})
 
 
 def trial_name(cfg: dict[str, Any]) -> str:
@@ -285,6 +316,8 @@ TOP_KEYS = {
     "name": "study name ([A-Za-z0-9_.-], no slashes)",
     "description": "free text",
     "pairs": "list of {old, new[, zero_shot]}",
+    "sequences": "list of [backbone, ...] (>= 3, oldest first) or {models, zero_shot}",
+    "compose": "chain|direct (sequences: composed maps only, or also one adapter straight from i to j)",
     "datasets": "list of {name, train, eval}",
     "zero_shot": "list of data set names or {name, split}",
     "methods": "list of method names (study.config.METHODS)",
@@ -325,7 +358,12 @@ def load_space(path: str | Path) -> StudySpec:
 def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
     """Validate an already-parsed YAML document."""
     c = _Checker(path)
-    top = c.mapping(raw, "", TOP_KEYS, required=("name", "pairs", "datasets", "methods", "seeds"))
+    top = c.mapping(raw, "", TOP_KEYS, required=("name", "datasets", "methods", "seeds"))
+    if "sequences" in top and "pairs" in top:
+        raise c.fail("sequences", "cannot be mixed with `pairs` in one study: run the pairs and the sequences "
+                     "as two studies")
+    if "sequences" not in top:
+        c.mapping(top, "", TOP_KEYS, required=("pairs",))
 
     name = c.typed(top["name"], "name", str, "a string")
     if not NAME_RE.match(name) or ".." in name:
@@ -373,8 +411,29 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
             c.unique([z.dataset for z in zs], f"{kp}.zero_shot")
         return Pair(backbone(m["old"], f"{kp}.old"), backbone(m["new"], f"{kp}.new"), zs)
 
-    pairs = c.seq(top["pairs"], "pairs", pair_item)
+    pairs = c.seq(top["pairs"], "pairs", pair_item) if "pairs" in top else ()
     c.unique([p.name for p in pairs], "pairs")
+
+    def sequence_item(v: Any, kp: str) -> ModelSequence:
+        m = c.mapping(v, kp, {"models": "", "zero_shot": ""}, required=("models",)) if isinstance(v, dict) \
+            else {"models": v}
+        models_kp = f"{kp}.models" if isinstance(v, dict) else kp
+        models = c.seq(m["models"], models_kp, backbone)
+        if len(models) < 3:
+            raise c.fail(models_kp, f"needs at least 3 backbones (oldest first), got {len(models)}: "
+                         "two models are a pair (`pairs:`)")
+        c.unique(list(models), models_kp)
+        zs = None
+        if "zero_shot" in m:
+            zs = c.seq(m["zero_shot"], f"{kp}.zero_shot", zero_shot_item, nonempty=False)
+            c.unique([z.dataset for z in zs], f"{kp}.zero_shot")
+        return ModelSequence(models, zs)
+
+    sequences = c.seq(top["sequences"], "sequences", sequence_item) if "sequences" in top else ()
+    c.unique([s.name for s in sequences], "sequences")
+    if "compose" in top and not sequences:
+        raise c.fail("compose", "applies to `sequences` only")
+    compose = c.choice(top.get("compose", "chain"), "compose", K.COMPOSE_MODES)
 
     def downstream_item(v: Any, kp: str) -> Downstream:
         m = c.mapping(v, kp, {"name": "", "train": "", "eval": ""}, required=("name",))
@@ -420,8 +479,11 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
     # Metric keys every trial reports (study/keys.py); zero-shot keys are named after each pair's sets.
     per_pair = [K.metric_keys([z.dataset for z in p.zero_shot_sets(zero_shot)], train_cfg)
                 for p in pairs]
+    per_pair += [K.sequence_keys(len(s.models), [z.dataset for z in s.zero_shot_sets(zero_shot)], train_cfg.topk,
+                                 compose) for s in sequences]
     metric_names = [k for k in per_pair[0] if all(k in other for other in per_pair[1:])]
-    metric = c.choice(opt.get("metric", "B/old/top1"), "optimize.metric", metric_names)
+    default_metric = K.seq_summary_key("AM", "top1") if sequences else "B/old/top1"
+    metric = c.choice(opt.get("metric", default_metric), "optimize.metric", metric_names)
     mode = c.choice(opt.get("mode", "max"), "optimize.mode", MODES)
 
     sch = c.mapping(top.get("scheduler", {}) or {}, "scheduler", {"kind": "", "grace_period": "", "reduction_factor": ""})
@@ -438,9 +500,10 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
         n_trials=c.integer(se.get("n_trials", 16), "search.n_trials", low=1),
         lam=_range(c, se.get("lambda", [0.0, 40.0]), "search.lambda", low=0.0, low_open=False),
         alpha=_range(c, se.get("alpha", [0.1, 10.0]), "search.alpha", low=0.0, low_open=True),
-        metrics=c.seq(se.get("metrics", ["B/old/top1", "zs/mean"]), "search.metrics",
-                      lambda v, kp: c.choice(v, kp, metric_names)),
-        modes=c.seq(se.get("modes", ["max", "max"]), "search.modes", lambda v, kp: c.choice(v, kp, MODES)),
+        metrics=c.seq(se.get("metrics", [default_metric] if sequences else ["B/old/top1", "zs/mean"]),
+                      "search.metrics", lambda v, kp: c.choice(v, kp, metric_names)),
+        modes=c.seq(se.get("modes", ["max"] if sequences else ["max", "max"]), "search.modes",
+                    lambda v, kp: c.choice(v, kp, MODES)),
     )
     if len(search.metrics) != len(search.modes):
         raise c.fail("search.modes", f"needs one mode per metric ({len(search.metrics)}), got {len(search.modes)}")
@@ -456,16 +519,20 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
     # Cross-field checks.
     if "lambda" in methods and not lambdas and search.kind == "grid":
         raise c.fail("lambdas", "method `lambda` is listed but `lambdas` is empty: the grid would have no lambda trials")
+    if sequences:
+        _check_sequence_study(c, top, methods, search)
     if search.kind == "optuna" and methods != ("lambda",):
         raise c.fail("methods", "search `optuna` tunes lambda/alpha: set methods to [lambda]")
+    members = [(f"pairs[{i}].{side}", getattr(p, side), p) for i, p in enumerate(pairs) for side in ("old", "new")]
+    members += [(f"sequences[{i}]", m, s) for i, s in enumerate(sequences) for m in s.models]
+    for keypath, model, group in members:
+        if backbones.backbone_cfg(model).source != "synthetic":
+            continue
+        for ds_name in [*(x.dataset for x in datasets), *(z.dataset for z in group.zero_shot_sets(zero_shot))]:
+            if not ds_name.startswith("synthetic-"):
+                raise c.fail(keypath, f"synthetic backbone `{model}` embeds only "
+                             f"synthetic data sets ({backbones.SYNTHETIC_PATTERN}), not `{ds_name}`")
     for i, pair in enumerate(pairs):
-        for side in ("old", "new"):
-            if backbones.backbone_cfg(getattr(pair, side)).source != "synthetic":
-                continue
-            for ds_name in [*(x.dataset for x in datasets), *(z.dataset for z in pair.zero_shot_sets(zero_shot))]:
-                if not ds_name.startswith("synthetic-"):
-                    raise c.fail(f"pairs[{i}].{side}", f"synthetic backbone `{getattr(pair, side)}` embeds only "
-                                 f"synthetic data sets ({backbones.SYNTHETIC_PATTERN}), not `{ds_name}`")
         d, n = backbones.backbone_cfg(pair.old).dim, backbones.backbone_cfg(pair.new).dim
         if d != n and "independent" in methods:
             raise c.fail(f"pairs[{i}]", f"method `independent` compares {pair.new} with {pair.old} directly and needs equal dims, got d={d}, n={n}; drop `independent` or pick a pair with equal dims")
@@ -475,7 +542,7 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
         pairs=pairs, datasets=datasets, zero_shot=zero_shot, methods=methods, lambdas=lambdas,
         alphas=alphas, seeds=seeds, train=dict(train), cpu=cpu, gpu=gpu, metric=metric, mode=mode,
         scheduler=scheduler, search=search, max_concurrent=max_concurrent, max_failures=max_failures,
-        description=description, feature_dtype=feature_dtype,
+        description=description, feature_dtype=feature_dtype, sequences=sequences, compose=compose,
     )
     if search.kind == "grid":
         try:
@@ -485,6 +552,18 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
         if not table:
             raise c.fail("", "the grid is empty")
     return spec
+
+
+def _check_sequence_study(c: _Checker, top: dict, methods: tuple[str, ...], search: Search) -> None:
+    """What a sequence study cannot do: methods without a backward adapter, searches, indexes."""
+    for i, method in enumerate(methods):
+        if METHODS[method].backward is None:
+            raise c.fail(f"methods[{i}]", f"method `{method}` trains no backward adapter, and a sequence composes "
+                         "them: drop it for `sequences`")
+    if search.kind != "grid":
+        raise c.fail("search.kind", f"`{search.kind}` is for pairs; sequences run as a grid (allowed: grid)")
+    if top.get("index"):
+        raise c.fail("index", "is for pairs; a sequence study evaluates no faiss index")
 
 
 def _index_section(c: _Checker, value: Any, pairs: tuple[Pair, ...], datasets: tuple[Downstream, ...],

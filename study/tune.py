@@ -219,12 +219,39 @@ def trial_data(config: dict[str, Any], features: FeatureHandles) -> Any:
     )
 
 
+def sequence_data(config: dict[str, Any], features: FeatureHandles) -> Any:
+    """The SequenceData of one resolved sequence trial config (keys "models", ...): memory-maps its keys."""
+    import backbones
+
+    from study.sequence import SequenceData
+
+    def feats(backbone: str, dataset: str, split: str) -> Any:
+        return backbones.open_features(features[str(FeatureKey(backbone, dataset, split))])
+
+    models = config["models"]
+    zero_shot = {}
+    for item in config["zero_shot"]:
+        ds, split = item.split(":")
+        zero_shot[ds] = [feats(m, ds, split) for m in models[1:]]
+    return SequenceData(train=[feats(m, config["dataset"], config["train_split"]) for m in models],
+                        eval=[feats(m, config["dataset"], config["eval_split"]) for m in models], zero_shot=zero_shot)
+
+
+def _run_sequence(config: dict[str, Any], features: FeatureHandles, folder: Path) -> Any:
+    """A sequence trial; writes its matrices (CSV and heatmap) into the checkpoint folder."""
+    from study.sequence import run_sequence_trial
+    from study.sequence_report import write_matrices
+
+    result = run_sequence_trial(trial_config(config), sequence_data(config, features), compose=config["compose"])
+    write_matrices(result.metrics, len(config["models"]), folder, title=trial_name(config))
+    return result
+
+
 def run_one(config: dict[str, Any], features: FeatureHandles, table: TrialTable) -> None:
     """One trial: per-epoch reports, then the final metrics with the adapters as a checkpoint."""
     from study.trial import run_trial, save_checkpoint
 
     config = table.resolve(config)
-    data = trial_data(config, features)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         # A searcher scores every report and per-epoch reports lack the final-only keys
@@ -239,9 +266,12 @@ def run_one(config: dict[str, Any], features: FeatureHandles, table: TrialTable)
             final = json.loads((Path(folder) / "metrics.json").read_text())
         tune.report({**final, **node}, checkpoint=done)
         return
-    result = run_trial(trial_config(config), data, on_epoch=on_epoch)
-    final = {**result.metrics, "final": 1}
     with tempfile.TemporaryDirectory() as tmp:
+        if "models" in config:
+            result = _run_sequence(config, features, Path(tmp))
+        else:
+            result = run_trial(trial_config(config), trial_data(config, features), on_epoch=on_epoch)
+        final = {**result.metrics, "final": 1}
         save_checkpoint(result, tmp)
         (Path(tmp) / "metrics.json").write_text(json.dumps(final))
         tune.report({**final, **node}, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -29,7 +29,8 @@ def test_registry_lists_sorted_and_filtered() -> None:
     assert {"resnet18", "vit_large_patch16_224", "tf_efficientnet_lite0", "mnist_old", "mnist_new"} <= set(names)
     assert backbones.list_backbones("tf_efficientnet_lite*") == [f"tf_efficientnet_lite{i}" for i in range(3)]
     synthetic = set(backbones.list_backbones("synthetic_*"))
-    assert set(backbones.list_backbones(offline=True)) == {*OFFLINE_PRETRAINED, "mnist_old", "mnist_new", *synthetic}
+    trained = {"mnist_old", "mnist_new", "mnist_0to3", "mnist_0to6"}
+    assert set(backbones.list_backbones(offline=True)) == {*OFFLINE_PRETRAINED, *trained, *synthetic}
     assert {backbones.backbone_cfg(n).dim for n in synthetic} >= {128, 256, 512, 1024, 1280, 1536}
     assert backbones.list_backbones("no-such-*") == []
 

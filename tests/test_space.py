@@ -53,6 +53,8 @@ def _with(**changes: object) -> dict:
 
 
 _DELETE = object()
+LITE = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+SEQ = {**{k: v for k, v in SMOKE.items() if k not in ("pairs", "optimize")}, "sequences": [LITE]}
 
 # (case id, YAML text or dict, substrings the one-line error must contain)
 BAD = [
@@ -117,6 +119,19 @@ BAD = [
      ["search.metrics[1]", "did you mean `zs/mean`"]),
     ("synthetic-backbone-real-data", _with(pairs=[{"old": "synthetic_128", "new": "synthetic_256"}]),
      ["pairs[0].old", "synthetic_128", "only synthetic", "mnist"]),
+    ("sequence-and-pairs", {**SMOKE, "sequences": [LITE]}, ["sequences", "cannot be mixed with `pairs`"]),
+    ("sequence-two-models", {**SEQ, "sequences": [LITE[:2]]}, ["sequences[0]", "at least 3 backbones", "got 2"]),
+    ("sequence-repeated-model", {**SEQ, "sequences": [[*LITE, LITE[0]]]},
+     ["sequences[0][3]", "`tf_efficientnet_lite0` is listed twice"]),
+    ("sequence-unknown-backbone", {**SEQ, "sequences": [{"models": [LITE[0], "resnet9000", LITE[2]]}]},
+     ["sequences[0].models[1]", "resnet9000", "allowed"]),
+    ("sequence-without-backward-adapter", {**SEQ, "methods": ["independent"]},
+     ["methods[0]", "trains no backward adapter"]),
+    ("sequence-compose-unknown", {**SEQ, "compose": "tree"}, ["compose", "`tree`", "chain, direct"]),
+    ("compose-without-sequences", {**SMOKE, "compose": "direct"}, ["compose", "`sequences` only"]),
+    ("sequence-optuna", {**SEQ, "methods": ["lambda"], "search": {"kind": "optuna"}}, ["search.kind", "allowed: grid"]),
+    ("sequence-metric-of-pairs", {**SEQ, "optimize": {"metric": "B/old/top1"}},
+     ["optimize.metric", "B/old/top1", "seq/"]),
 ]
 
 
@@ -262,3 +277,16 @@ def test_documented_defaults_are_trialconfigs() -> None:
 def test_readme_fault_table_counts_the_bad_cases() -> None:
     readme = (SPACES.parent / "README.md").read_text()
     assert f"| bad input: {len(BAD)} cases in one table" in readme
+
+
+def test_sequence_space_expands_per_sequence_and_keys_every_model(tmp_path: Path) -> None:
+    spec = load_space(_write(tmp_path, {**SEQ, "compose": "direct", "sequences": [{"models": LITE, "zero_shot": []}]}))
+    trials = spec.trials()
+    assert len(trials) == len(spec.methods) * len(spec.seeds) == 3
+    assert all(t["models"] == LITE and t["compose"] == "direct" and t["zero_shot"] == [] for t in trials)
+    assert spec.metric == "seq/AM/top1"
+    # every model on both splits; no zero-shot keys (the sequence's own empty list wins)
+    assert [str(k) for k in spec.feature_keys()] == [f"{m}|mnist|{s}" for m in LITE for s in ("test", "train")]
+    spec = load_space(_write(tmp_path, SEQ))
+    assert {(k.backbone, k.dataset) for k in spec.feature_keys() if k.dataset == "digits"} == \
+        {(m, "digits") for m in LITE[1:]}   # the oldest model is never mapped
