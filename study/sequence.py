@@ -33,6 +33,7 @@ from study import keys as K
 from study import metrics
 from study.adapters import orthogonality_deviation, truncate_pair
 from study.config import TrialConfig
+from study.preprocess import Preprocess
 from study.trainer import resolve_device
 from study.trial import (
     TrialData,
@@ -41,7 +42,6 @@ from study.trial import (
     _metrics_device,
     _np,
     _tensor,
-    _TrainRows,
     _zero_shot,
     run_trial,
 )
@@ -124,12 +124,13 @@ def _frozen(W: np.ndarray, b: np.ndarray, device: torch.device) -> _Frozen:
 
 
 class _Models:
-    """Every model's eval features (preprocessed as a trial does), labels and train-split shift."""
+    """Every model's eval features (preprocessed as a trial does: `study.preprocess`) and labels."""
 
     def __init__(self, cfg: TrialConfig, data: SequenceData, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        self.shift = [_TrainRows(tr, cfg.normalize, cfg.center, device).shift for tr in data.train]
-        ev = [_tensor(e, cfg.normalize, device, s) for e, s in zip(data.eval, self.shift)]
+        self.preps = [Preprocess(tr.x, normalize=cfg.normalize, center=cfg.center, pca=cfg.pca, seed=cfg.seed,
+                                 device=device) for tr in data.train]
+        ev = [_tensor(e, p) for e, p in zip(data.eval, self.preps)]
         self.x = [x for x, _ in ev]
         self.y = ev[0][1].cpu().numpy()
         self.dims = [int(x.shape[1]) for x in self.x]
@@ -159,7 +160,7 @@ def _evaluate(models: _Models, data: SequenceData, maps: dict[tuple[int, int], t
             for s in K.SEQ_STATS:
                 mats[s][i, j] = res[s]
             zs = _zero_shot(cfg, {n: sets[i - 1] for n, sets in data.zero_shot.items()}, f, models.device,
-                            models.shift[i], cfg.normalize)
+                            models.preps[i])
             for name in data.zero_shot:
                 out[K.seq_zs_key(i, j, name, compose)] = zs[f"zs/{name}"]
             out[K.seq_zs_key(i, j, compose=compose)] = zs[K.ZS_MEAN]
