@@ -234,7 +234,7 @@ class PeriodicSampler:
 
 
 class FeatureArrays:
-    """The .x/.y view study.trial expects."""
+    """The .x/.y view study.science.trial expects."""
 
     def __init__(self, x: Any, y: Any) -> None:
         self.x, self.y = x, y
@@ -275,8 +275,8 @@ def random_pair(n_train: int, n_eval: int, d: int, n: int, *, classes: int, seed
 
 
 def trial_data(arrays: dict[str, tuple[Any, Any]]):
-    """study.trial.TrialData from `random_pair`'s dict."""
-    from study.trial import TrialData
+    """study.science.trial.TrialData from `random_pair`'s dict."""
+    from study.science.trial import TrialData
 
     zs = {"zs": FeatureArrays(*arrays["zs"])} if "zs" in arrays else {}
     return TrialData(*(FeatureArrays(*arrays[k]) for k in ("old_train", "new_train", "old_eval", "new_eval")),

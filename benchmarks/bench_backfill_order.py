@@ -31,10 +31,10 @@ def main() -> int:
     import torch
 
     import backbones
-    from study import metrics
-    from study.preprocess import Preprocess
+    from study.science import metrics
+    from study.science.preprocess import Preprocess
     from study.space import load_space
-    from study.trial import TrialData, run_trial
+    from study.science.trial import TrialData, run_trial
     from study.tune import trial_config
 
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Benchmark: convergence of every method against Adam steps, to the plateau (issue 14, item 1).
 
-Runs `study.trial.run_trial` on offline pairs with a long schedule and the cheap
+Runs `study.science.trial.run_trial` on offline pairs with a long schedule and the cheap
 per-epoch evaluation at every `--eval-every` epochs, and records B/old, B/B top-1,
 D(W) = orth/B and ZS (zs/mean) against steps, for orthogonal, a few lambdas and
 affine. A run is at its plateau when B/old moves by less than `PLATEAU_POINTS`
@@ -72,7 +72,7 @@ def main() -> int:
     import torch
 
     import backbones
-    from study.trial import TrialData, run_trial
+    from study.science.trial import TrialData, run_trial
 
     torch.set_num_threads(args.threads)
     suffix = f"_{args.tag}" if args.tag else ""

@@ -2,10 +2,10 @@
 
 In one run, on the same clustered data (D = 1280, 100 classes, cosine, leave-one-out):
 
-  1. ``study.metrics.retrieval`` (top-1/5 + mAP), NumPy (a CPU trial's path) against
+  1. ``study.science.metrics.retrieval`` (top-1/5 + mAP), NumPy (a CPU trial's path) against
      ``device="cpu"`` (the torch path a CUDA trial takes, here on the CPU), N = 10,000:
      seconds (min over --repeat, interleaved) and the largest metric difference;
-  2. ``study.metrics.backfill_curves`` as a trial calls it (paper and random orders, mAP)
+  2. ``study.science.metrics.backfill_curves`` as a trial calls it (paper and random orders, mAP)
      but with --points 3 (a trial has 21: 40 ranking passes instead of 4), both paths,
      N = 10,000: seconds and the largest curve difference;
   3. the NumPy path at N = 50,000 (ImageNet val's size): retrieval, and the backfill
@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from study import metrics  # noqa: E402
+from study.science import metrics  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -3,7 +3,7 @@
 Per index kind of `search_spaces/index.yaml` (plus PQ16 alone): train on 4,000 x 1280
 (the MNIST train split), fill with 1,000 x 1280 (the test split), search 1,000 queries
 for the top 10 + 1, and replay the 21-point backfill (in place, or rebuilt per step for
-HNSW); then one whole `study.index_eval.evaluate` call with all kinds, as a trial runs it.
+HNSW); then one whole `study.science.index_eval.evaluate` call with all kinds, as a trial runs it.
 faiss on 1 thread, as in a 1-CPU trial. Also the factory's default polysemous training
 of IVF64,PQ16 (skipped by the project; same ids and distances), for the record.
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     import faiss
 
-    from study import index_eval as ix
+    from study.science import index_eval as ix
 
     rng = np.random.default_rng(0)
     y_tr, y = rng.integers(0, 10, args.train), rng.integers(0, 10, args.gallery)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                   "search: the gallery's own 1,000 items as queries, top 10 + 1 (own item dropped)",
                   "backfill: 21 points, remove_ids + add_with_ids (in place) or a rebuild per step, and a top-1 "
                   "search at each point",
-                  "evaluate_all_kinds_s: one study.index_eval.evaluate call over all kinds (5 rows each, recall "
+                  "evaluate_all_kinds_s: one study.science.index_eval.evaluate call over all kinds (5 rows each, recall "
                   "references, the backfill and its exact curve), as a trial with `index:` runs it"],
     }
     out = C.write_result(result, args.out)

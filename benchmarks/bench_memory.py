@@ -3,7 +3,7 @@
 Four runs, each in a fresh private Ray session (`--num-cpus` CPUs, 1 CPU per trial):
 
   idle x1, idle x2   a Tune function trainable that imports what a trial imports (torch,
-                     study.trial), sleeps and reports once with a tiny checkpoint, as a
+                     study.science.trial), sleeps and reports once with a tiny checkpoint, as a
                      trial does: the framework baseline, no features
   one, pair          the CLI's path (study.cli.run_study with the feature phase replaced by
                      cached random features written as cache entries: trials get their
@@ -75,7 +75,7 @@ def idle_trial(config):
     import torch  # noqa: F401
     from ray import tune as _tune
 
-    import study.trial  # noqa: F401
+    import study.science.trial  # noqa: F401
 
     _t.sleep(float(config["hold"]))
     with _tempfile.TemporaryDirectory() as tmp:
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     import psutil  # noqa: F401
     import torch  # noqa: F401
 
-    import study.trial  # noqa: F401
+    import study.science.trial  # noqa: F401
     from study import tune as st  # noqa: F401
 
     work = Path(tempfile.mkdtemp(prefix="lambda-compat-bench-memory-"))
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
             "split among the processes mapping them, so the store's copy counts once. It includes the driver, "
             "whose own memory drifts from run to run in one process (MLflow, freed feature arrays), so it is "
             "less steady than the USS accounting.",
-            "idle trials import torch and study.trial and sleep: the per-trial framework cost is in the "
+            "idle trials import torch and study.science.trial and sleep: the per-trial framework cost is in the "
             "baseline, the features and what a trial does with them are not.",
             "pair: 2 trials with 1 CPU each on 2 CPUs run concurrently (see max_concurrent_workers).",
             "series: [t s, PSS total MiB, workers USS MiB, worker processes], downsampled.",

@@ -124,12 +124,12 @@ def calibrate(spec, store, repeat: int) -> dict:
     from threadpoolctl import threadpool_limits
 
     from study import tune as st
-    from study.trial import run_trial
+    from study.science.trial import run_trial
 
     cfg = spec.trials()[0]
     data = st.trial_data(cfg, store)   # the trial's own keys, memory-mapped, as a Ray trial opens them
     old_threads, old_omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"   # study.metrics sizes its thread pool from it, as in a trial
+    os.environ["OMP_NUM_THREADS"] = "1"   # study.science.metrics sizes its thread pool from it, as in a trial
     torch.set_num_threads(1)
     walls, computes = [], []
     try:

@@ -1,7 +1,7 @@
 """Benchmark: float16 feature storage against float32 on the default grid's trials (issue 10, item 4).
 
 `features: {dtype: float16}` halves the feature cache and what a trial reads; each
-batch is cast back to float32 before training. This runs `study.trial.run_trial` on
+batch is cast back to float32 before training. This runs `study.science.trial.run_trial` on
 the default grid's (`search_spaces/grid.yaml`) pairs and training settings, seed 0,
 for orthogonal, lambda = 12 and affine, once on float32 features and once on the same
 features rounded to float16 (exactly what a float16 cache entry stores: the float32
@@ -34,7 +34,7 @@ def main() -> int:
 
     import backbones
     from study.space import load_space
-    from study.trial import TrialData, run_trial
+    from study.science.trial import TrialData, run_trial
     from study.tune import trial_config
 
     torch.set_num_threads(2)

@@ -12,12 +12,12 @@ Compares, on the same random clustered data in one run (issue 5, item 1):
   (c) floor               the N x N float32 similarity matmul alone (the least any
                           exact method must compute); full and in our chunks
   (d) matmul + argsort    (c) plus a full argsort of every row
-  (e) ours                study.metrics.retrieval
+  (e) ours                study.science.metrics.retrieval
   (f) reference           tests/reference.py retrieval_brute_force (shares our scores;
                           per-query stable argsort)
   (g) faiss top-k         faiss IndexFlatIP top-(5+1) search, own item dropped,
                           CMC top-1/5 only (no mAP: a top-k list cannot give it);
-                          study.index_eval.exact_topk + topk_cmc. faiss puts exact
+                          study.science.index_eval.exact_topk + topk_cmc. faiss puts exact
                           ties higher id first, ours lower index first
 
 Above N = 20,000 only ours and faiss run (the N x N matrix of (c) is 40 GB at
@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))   # the test reference
 
 import _common as C  # noqa: E402
 from reference import retrieval_brute_force  # noqa: E402
-from study.metrics import _default_chunk, retrieval  # noqa: E402
+from study.science.retrieval import _default_chunk, retrieval  # noqa: E402
 
 TOPK = (1, 5)
 LARGE_N = 20_000
@@ -172,7 +172,7 @@ def ours(x, y):
 
 
 def faiss_topk(x, y):
-    from study.index_eval import exact_topk, topk_cmc
+    from study.science.index_eval import exact_topk, topk_cmc
     ids = exact_topk(x, x, max(TOPK), leave_one_out=True, distance="cosine")
     return topk_cmc(ids, y, y, TOPK, leave_one_out=True)
 

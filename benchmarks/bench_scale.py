@@ -165,7 +165,7 @@ def idle_worker_baseline(work: Path) -> dict:
         "import json, ray, time; from ray import tune\n"
         "from study.tune import init_ray\n"
         "def idle(config):\n"
-        "    import psutil, torch, numpy, study.trial  # what a trial imports\n"
+        "    import psutil, torch, numpy, study.science.trial  # what a trial imports\n"
         "    time.sleep(2); m = psutil.Process().memory_full_info()\n"
         "    anon = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('RssAnon:')][0]\n"
         "    tune.report({'rss': m.rss, 'uss': m.uss, 'anon': anon})\n"

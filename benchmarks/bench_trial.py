@@ -1,6 +1,6 @@
 """Benchmark: one trial's time, broken down, per method (issue 5, item 5).
 
-`study.trial.run_trial` on random clustered features at two sizes:
+`study.science.trial.run_trial` on random clustered features at two sizes:
 
   default   the embedded default's EfficientNet-Lite pair on MNIST: 4,000 train and
             1,000 eval rows, d = n = 1280, 10 classes, 92 zero-shot rows (photos test),
@@ -11,7 +11,7 @@
 
 for the methods orthogonal (B = exp(P)), affine and lambda (lam = 12, alpha = 10).
 Nothing in the project is edited: the phases are timed by wrapping, for the
-duration of the run, the names study.trial looks up (train's batch_loss and
+duration of the run, the names study.science.trial looks up (train's batch_loss and
 on_epoch, build_regularizer's callable, the orthogonal parametrization's forward,
 _Evaluator.rows, _backfill, _zero_shot). Phases:
 
@@ -96,8 +96,8 @@ class Timers:
 
 @contextlib.contextmanager
 def instrumented(timers: Timers):
-    """Wrap the names study.trial uses with timers; restore them on exit."""
-    import study.trial as T
+    """Wrap the names study.science.trial uses with timers; restore them on exit."""
+    import study.science.trial as T
 
     saved = {k: getattr(T, k) for k in ("train", "build_regularizer", "make_backward", "_backfill", "_zero_shot")}
     saved_rows, saved_sides = T._Evaluator.rows, T._Evaluator.sides
@@ -142,7 +142,7 @@ def instrumented(timers: Timers):
 def one_trial(method: str, size: dict, data, epochs: int, device: str, profile: bool) -> dict:
     import torch
 
-    from study.trial import run_trial
+    from study.science.trial import run_trial
 
     cfg = {**METHODS[method], "epochs": epochs, "batch_size": size["batch_size"], "device": device}
     timers = Timers(sync=device.startswith("cuda"))
@@ -199,10 +199,10 @@ def isolated(n: int, d: int, batch: int, device: str, repeat: int = 5) -> dict:
     import torch
     from torch.nn.utils import parametrize
 
-    from study.adapters import make_backward, make_forward
-    from study.config import TrialConfig
-    from study.losses import compat_loss
-    from study.regularizers import lambda_orthogonality
+    from study.science.adapters import make_backward, make_forward
+    from study.science.config import TrialConfig
+    from study.science.losses import compat_loss
+    from study.science.regularizers import lambda_orthogonality
 
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
@@ -219,7 +219,7 @@ def isolated(n: int, d: int, batch: int, device: str, repeat: int = 5) -> dict:
             times.append(time.perf_counter() - t)
         return min(times)
 
-    from study.adapters import orthogonality_deviation
+    from study.science.adapters import orthogonality_deviation
 
     lam, alpha = 12.0, 10.0
 
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
         args.epochs = args.paper_epochs = 2
 
     C.setup_env(fresh_cache=True)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)   # study.metrics sizes its pool from it, as in a Ray trial
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)   # study.science.metrics sizes its pool from it, as in a Ray trial
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
         "params": {k: getattr(args, k) for k in ("sizes", "methods", "epochs", "paper_epochs", "paper_eval", "threads",
                                                    "device", "profile", "quick")},
         "sizes": {k: sizes[k] for k in args.sizes.split(",")},
-        "task": "run_trial on random clustered features, phases timed by wrapping study.trial's names",
+        "task": "run_trial on random clustered features, phases timed by wrapping study.science.trial's names",
         "rows": rows,
         "isolated_per_step": micro,
         "loadavg_before": load_before,
@@ -357,14 +357,14 @@ def main(argv=None) -> int:
             "setup = tensors, normalisation, evaluator, adapters (total - train - eval).",
             "extrapolated_full_s = setup + per-epoch train x full epochs (40) + final eval.",
             "isolated_per_step: min of 5 fwd+bwd calls; shares are of (affine step + that cost). exp(P) is "
-            "the project's (study.skew_expm: one eigh, exact Daleckii-Krein gradient) and, on the same P "
+            "the project's (study.science.skew_expm: one eigh, exact Daleckii-Krein gradient) and, on the same P "
             "(spectral norm ~2), torch.linalg.matrix_exp's (Taylor + scaling-squaring; its backward is exp "
             "of a 2n x 2n block), which the orthogonal B used before. The "
             "regulariser is also timed at D = lam - 8.4, where the unfloored gate sigmoid(alpha (D - lam)) "
             "~ 3e-37 makes its backward matmuls work on denormal floats (100x slower on this CPU, seen "
-            "before study/regularizers.py floored the gate's argument at -40): a regression check, it "
+            "before study/science/regularizers.py floored the gate's argument at -40): a regression check, it "
             "should match the normal-gate column.",
-            f"threads: torch and BLAS limited to {args.threads} (OMP_NUM_THREADS too, which study.metrics "
+            f"threads: torch and BLAS limited to {args.threads} (OMP_NUM_THREADS too, which study.science.metrics "
             "reads), as for a 1-CPU trial in a study.",
         ],
     }

@@ -8,10 +8,10 @@
   2. one paper-size lambda trial (N = 50,000 train, 10,000 eval, n = d = 1024, 100 classes,
      batch 512, 40 epochs, lam 12, alpha 10) on the GPU: train / eval seconds; orthogonal and
      affine for a few epochs for the per-epoch cost of each parametrisation; and exp(P)
-     fwd + bwd at n = 1024 by both of study.skew_expm's methods (eigh, matrix_exp), to check
+     fwd + bwd at n = 1024 by both of study.science.skew_expm's methods (eigh, matrix_exp), to check
      that "auto" (matrix_exp on CUDA) picks the faster one there
   3. evaluation (exact leave-one-out top-1/5 + mAP, and the trial's backfill curves: 2
-     orders x 21 points, mAP) at N = 50,000, D = 1280: study.metrics' NumPy path on the
+     orders x 21 points, mAP) at N = 50,000, D = 1280: study.science.metrics' NumPy path on the
      host's CPUs (retrieval) against its torch path on the GPU (retrieval and curves, with
      peak GPU memory), next to the N x N similarity matmul alone; and both paths at
      N = 5,000 (on the CPU: torch on the CPU at N = 2,000), with the largest differences
@@ -179,7 +179,7 @@ def project_extraction(args, cuda: bool, batch: int) -> dict:
 def part_trial(args, cuda: bool) -> dict:
     import torch
 
-    from study.trial import run_trial
+    from study.science.trial import run_trial
 
     n_train, n_eval, dim, classes = (args.n_train, args.n_eval, 1024, 100) if cuda else (4000, 1000, 256, 100)
     data = C.trial_data(C.random_pair(n_train, n_eval, dim, dim, classes=classes))
@@ -212,10 +212,10 @@ def part_trial(args, cuda: bool) -> dict:
 
 
 def _expm_times(n: int, device: str, cuda: bool, repeat: int = 5) -> dict[str, float]:
-    """Best-of-`repeat` fwd + bwd seconds of study.skew_expm.expm_skew per method, on one skew P."""
+    """Best-of-`repeat` fwd + bwd seconds of study.science.skew_expm.expm_skew per method, on one skew P."""
     import torch
 
-    from study.skew_expm import expm_skew
+    from study.science.skew_expm import expm_skew
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(n, n, generator=g) * (0.7 / n**0.5)
@@ -250,7 +250,7 @@ def _backfill(x, y, device, points: int):
     into a second side, which is also the queries (B(h_new))."""
     import numpy as np
 
-    from study import metrics
+    from study.science import metrics
 
     new = np.roll(x, 1, axis=1)
     orders = {kind: metrics.backfill_order(x, y, kind=kind, seed=0) for kind in ("paper", "random")}
@@ -269,8 +269,8 @@ def part_eval(args, cuda: bool) -> dict:
     import numpy as np
     import torch
 
-    from study import _metrics_torch
-    from study.metrics import retrieval
+    from study.science import _metrics_torch
+    from study.science.metrics import retrieval
 
     d = 1280
     small_n, small_points = (5000, 21) if cuda else (2000, 3)
@@ -358,7 +358,7 @@ def _proc_trial(job):
     import torch
 
     import _common as CC
-    from study.trial import run_trial
+    from study.science.trial import run_trial
 
     torch.set_num_threads(job["threads"])
     data = CC.trial_data(CC.random_pair(job["n_train"], job["n_eval"], job["dim"], job["dim"], classes=100))
@@ -513,7 +513,7 @@ def print_tables(result: dict) -> None:
                          f"eval {r['eval_s']:.1f})"])
     if "expm_fwd_bwd_s" in p.get("trial", {}):
         t = p["trial"]
-        rows.append(["trial", f"exp(P) fwd+bwd, n={t['expm_n']} (study.skew_expm)",
+        rows.append(["trial", f"exp(P) fwd+bwd, n={t['expm_n']} (study.science.skew_expm)",
                      ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in t["expm_fwd_bwd_s"].items())])
     e = p.get("eval", {})
     if "small" in e:

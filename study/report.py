@@ -3,7 +3,7 @@
     python study/report.py --tracking-uri sqlite:///$PWD/mlflow.db --study NAME [--out DIR]
 
 Rows are method x lambda x pair x data set; values are mean +- std over seeds
-of the final metrics (keys from ``study/keys.py``). Failed trials are listed
+of the final metrics (keys from ``study/science/keys.py``). Failed trials are listed
 under the table.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # see study/run.py: never let study/ shadow top-level packages
 
-from study import keys as K  # noqa: E402
+from study.science import keys as K  # noqa: E402
 from study import tracking as T  # noqa: E402
-from study.config import METHODS  # noqa: E402
+from study.science.config import METHODS  # noqa: E402
 
 # The paper's rows, in the paper's order, with short column labels.
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -264,7 +264,7 @@ def plot_backfill(client: Any, children: Sequence[Any], path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Inside a deployed index (`index:` section of the space; keys in study/keys.py)
+# Inside a deployed index (`index:` section of the space; keys in study/science/keys.py)
 # ---------------------------------------------------------------------------
 
 INDEX_DROP_ROWS = ("old/old", "B/old", "B/F")

@@ -1,4 +1,4 @@
-"""Presenting sequence trials (`study.sequence`): a trial's matrices as CSV and heatmap, and the study
+"""Presenting sequence trials (`study.science.sequence`): a trial's matrices as CSV and heatmap, and the study
 report's table of AC / AM / final-step ZS per method and lambda with its plot against lambda."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from study import keys as K
+from study.science import keys as K
 from study.report import sweep_panel
 
 SUMMARY = (("AC", "top1"), ("AM", "top1"), ("AC", "mAP"), ("AM", "mAP"))

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import yaml
 
-from study import keys as K
-from study.config import METHODS, TrialConfig, list_methods
+from study.science import keys as K
+from study.science.config import METHODS, TrialConfig, list_methods
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 SCHEDULERS = ("none", "asha")
@@ -76,7 +76,7 @@ class Pair:
 
 @dataclass(frozen=True)
 class ModelSequence:
-    """T >= 3 backbones, oldest first: a deployed model updated T-1 times (`study.sequence`)."""
+    """T >= 3 backbones, oldest first: a deployed model updated T-1 times (`study.science.sequence`)."""
 
     models: tuple[str, ...]
     zero_shot: tuple[ZeroShotSet, ...] | None = None  # None: the study-wide list
@@ -141,7 +141,7 @@ class StudySpec:
     description: str = ""
     feature_dtype: str = "float32"  # storage (and read) precision of every feature key
     sequences: tuple[ModelSequence, ...] = ()  # a sequence study (then `pairs` is empty)
-    compose: str = "chain"  # sequences: "chain" or "direct" (study.keys.COMPOSE_MODES)
+    compose: str = "chain"  # sequences: "chain" or "direct" (study.science.keys.COMPOSE_MODES)
 
     def zero_shot_for(self, pair: Pair) -> tuple[ZeroShotSet, ...]:
         return pair.zero_shot_sets(self.zero_shot)
@@ -320,7 +320,7 @@ TOP_KEYS = {
     "compose": "chain|direct (sequences: composed maps only, or also one adapter straight from i to j)",
     "datasets": "list of {name, train, eval}",
     "zero_shot": "list of data set names or {name, split}",
-    "methods": "list of method names (study.config.METHODS)",
+    "methods": "list of method names (study.science.config.METHODS)",
     "lambdas": "list of numbers >= 0 (method `lambda`)",
     "alpha": "number > 0 or list of them",
     "seeds": "list of integers",
@@ -476,7 +476,7 @@ def parse_space(raw: Any, *, path: Path, text: str = "") -> StudySpec:
     gpu = c.number(resources.get("gpu", 0), "resources.gpu", low=0.0, high=1.0)
 
     opt = c.mapping(top.get("optimize", {}) or {}, "optimize", {"metric": "", "mode": ""})
-    # Metric keys every trial reports (study/keys.py); zero-shot keys are named after each pair's sets.
+    # Metric keys every trial reports (study/science/keys.py); zero-shot keys are named after each pair's sets.
     per_pair = [K.metric_keys([z.dataset for z in p.zero_shot_sets(zero_shot)], train_cfg)
                 for p in pairs]
     per_pair += [K.sequence_keys(len(s.models), [z.dataset for z in s.zero_shot_sets(zero_shot)], train_cfg.topk,
@@ -568,12 +568,12 @@ def _check_sequence_study(c: _Checker, top: dict, methods: tuple[str, ...], sear
 
 def _index_section(c: _Checker, value: Any, pairs: tuple[Pair, ...], datasets: tuple[Downstream, ...],
                    distance: str) -> tuple[Any, ...]:
-    """The `index:` entries as `study.index_eval.IndexSpec`s, each built by faiss at every dim a trial uses
+    """The `index:` entries as `study.science.index_eval.IndexSpec`s, each built by faiss at every dim a trial uses
     (d, n, min(d, n)) and, for offline data sets, checked against the train split's size."""
     if value == []:
         return ()
     import backbones
-    from study.index_eval import IndexSpec, IndexSpecError
+    from study.science.index_eval import IndexSpec, IndexSpecError
 
     def fail(i: int, err: IndexSpecError, where: str = "") -> SpaceError:
         return c.fail(f"index[{i}].{err.key}", err.message + where)

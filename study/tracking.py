@@ -37,7 +37,7 @@ METHOD_TAG, PAIR_TAG, DATASET_TAG, LAMBDA_TAG, SEED_TAG = "method", "pair", "dat
 # The study run's provenance.
 SPACE_SHA_TAG, SPACE_FILE_TAG, GIT_COMMIT_TAG = "lc.space_sha256", "lc.space_file", "lc.git_commit"
 VERSION_TAG_PREFIX = "lc.version."     # + package name
-ADAPTERS_DIR = "adapters"              # a trial run's checkpoint files (study.keys.ADAPTERS_FILE, ...)
+ADAPTERS_DIR = "adapters"              # a trial run's checkpoint files (study.science.keys.ADAPTERS_FILE, ...)
 
 
 class TrackingError(RuntimeError):
@@ -299,7 +299,7 @@ def _finite(value: Any) -> Any:
 def load_trial(run_id: str, tracking_uri: str) -> tuple[Any, Any, Any]:
     """(TrialConfig, B, F) of a finished trial run, rebuilt from its ADAPTERS_DIR artifacts; LookupError
     when the run has none
-    (`study.trial.load_checkpoint`: B and F frozen nn.Linear modules, None where the method has none;
+    (`study.science.trial.load_checkpoint`: B and F frozen nn.Linear modules, None where the method has none;
     apply them to features preprocessed as the config says, e.g. L2-normalised).
 
         config, B, F = load_trial(run_id, "sqlite:///mlflow.db")
@@ -308,8 +308,8 @@ def load_trial(run_id: str, tracking_uri: str) -> tuple[Any, Any, Any]:
 
     from mlflow.tracking import MlflowClient
 
-    from study.trial import load_checkpoint
-    from study.keys import CONFIG_FILE
+    from study.science.trial import load_checkpoint
+    from study.science.keys import CONFIG_FILE
     client = MlflowClient(tracking_uri=tracking_uri)
     if CONFIG_FILE not in {Path(a.path).name for a in _retry(lambda: client.list_artifacts(run_id, ADAPTERS_DIR))}:
         raise LookupError(f"run {run_id} at {tracking_uri} has no {ADAPTERS_DIR}/{CONFIG_FILE}: the trial did not "

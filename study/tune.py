@@ -23,9 +23,9 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
-from study import keys as K
+from study.science import keys as K
 from study import tracking as T
-from study.config import TrialConfig
+from study.science.config import TrialConfig
 from study.space import FeatureKey, StudySpec, trial_name
 from study.tracking import StudyTracker
 
@@ -201,7 +201,7 @@ def trial_data(config: dict[str, Any], features: FeatureHandles) -> Any:
     """The TrialData of one resolved trial config: opens (memory-maps) only the keys it names."""
     import backbones
 
-    from study.trial import TrialData
+    from study.science.trial import TrialData
 
     def feats(backbone: str, dataset: str, split: str) -> Any:
         return backbones.open_features(features[str(FeatureKey(backbone, dataset, split))])
@@ -223,7 +223,7 @@ def sequence_data(config: dict[str, Any], features: FeatureHandles) -> Any:
     """The SequenceData of one resolved sequence trial config (keys "models", ...): memory-maps its keys."""
     import backbones
 
-    from study.sequence import SequenceData
+    from study.science.sequence import SequenceData
 
     def feats(backbone: str, dataset: str, split: str) -> Any:
         return backbones.open_features(features[str(FeatureKey(backbone, dataset, split))])
@@ -239,7 +239,7 @@ def sequence_data(config: dict[str, Any], features: FeatureHandles) -> Any:
 
 def _run_sequence(config: dict[str, Any], features: FeatureHandles, folder: Path) -> Any:
     """A sequence trial; writes its matrices (CSV and heatmap) into the checkpoint folder."""
-    from study.sequence import run_sequence_trial
+    from study.science.sequence import run_sequence_trial
     from study.sequence_report import write_matrices
 
     result = run_sequence_trial(trial_config(config), sequence_data(config, features), compose=config["compose"])
@@ -249,7 +249,7 @@ def _run_sequence(config: dict[str, Any], features: FeatureHandles, folder: Path
 
 def run_one(config: dict[str, Any], features: FeatureHandles, table: TrialTable) -> None:
     """One trial: per-epoch reports, then the final metrics with the adapters as a checkpoint."""
-    from study.trial import run_trial, save_checkpoint
+    from study.science.trial import run_trial, save_checkpoint
 
     config = table.resolve(config)
 

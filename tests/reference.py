@@ -8,14 +8,14 @@ from typing import Sequence
 
 import numpy as np
 
-from study.metrics import _score_blocks, _summarise, _validate  # the same scores and summary as the fast path
+from study.science.retrieval import _score_blocks, _summarise, _validate  # the same scores and summary as the fast path
 
 
 def retrieval_brute_force(query, gallery, query_labels, gallery_labels, *,
                           leave_one_out: bool, distance: str = "cosine",
                           topk: Sequence[int] = (1, 5),
                           chunk_size: int | None = None) -> dict[str, float]:
-    """Reference implementation of `study.metrics.retrieval`, for tests and benchmarks.
+    """Reference implementation of `study.science.metrics.retrieval`, for tests and benchmarks.
 
     Per query: the score row (from the same blocks as the fast path), gallery
     item i dropped when leave-one-out, ``argsort(-scores, kind="stable")``,

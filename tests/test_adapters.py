@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from study import losses, regularizers
-from study.adapters import (
+from study.science import losses, regularizers
+from study.science.adapters import (
     BACKWARD_KINDS,
     export_state,
     load_adapters,
@@ -24,8 +24,8 @@ from study.adapters import (
     orthogonality_deviation,
     truncate_pair,
 )
-from study.config import METHODS
-from study.trial import TrialData, run_trial
+from study.science.config import METHODS
+from study.science.trial import TrialData, run_trial
 
 torch.set_num_threads(1)
 

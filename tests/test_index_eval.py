@@ -1,4 +1,4 @@
-"""Index evaluation (study.index_eval) against independent references: brute-force numpy rankings,
+"""Index evaluation (study.science.index_eval) against independent references: brute-force numpy rankings,
 the exact metrics path, and freshly filled indexes."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
-from study import keys as K
-from study import index_eval, metrics
-from study.index_eval import (
+from study.science import keys as K
+from study.science import index_eval, metrics
+from study.science.index_eval import (
     DeployedIndex,
     IndexSpec,
     IndexSpecError,
@@ -152,7 +152,7 @@ class _F:
 
 
 def test_run_trial_index_rows_match_the_exact_rows_for_flat() -> None:
-    from study.trial import TrialData, run_trial
+    from study.science.trial import TrialData, run_trial
 
     rng = np.random.default_rng(5)
     xo, y = _clustered(900, 24, 6, 5)
@@ -230,7 +230,7 @@ def test_faiss_top1_equals_the_exact_path_ties_included(candidates):
 def test_top1_only_scores_go_through_faiss_on_large_sets_with_the_same_result(monkeypatch) -> None:
     """A CPU trial's top-1-only scores (zero-shot, cheap per-epoch rows) go through faiss from
     FAISS_TOP1_MIN_ROWS rows on, with the same numbers."""
-    from study.trial import TrialData, run_trial
+    from study.science.trial import TrialData, run_trial
 
     xo, y = _clustered(400, 16, 5, 1)
     xn, _ = _clustered(400, 16, 5, 2)
@@ -245,7 +245,8 @@ def test_top1_only_scores_go_through_faiss_on_large_sets_with_the_same_result(mo
                         lambda q, g, labels, **kw: calls.append(len(q)) or real(q, g, labels, **kw))
     monkeypatch.setattr(metrics, "FAISS_TOP1_MIN_ROWS", 150)
     via_faiss = run_trial(cfg, data).metrics
-    # cheap rows (B/old, B/F, B/B) at epochs 1 and 2 on the 150-row eval split, then the zero-shot pair
-    assert calls == [150] * 6 + [300, 300]
+    # cheap eval at epochs 1 and 2: rows B/old, B/F, B/B on the 150-row eval split and the zero-shot pair
+    # (new, B) on the 300-row set; then the final zero-shot pair
+    assert calls == ([150] * 3 + [300] * 2) * 2 + [300, 300]
     for key in ("zs/z", "zs/z/new_top1", "zs/z/B_top1", "zs/mean", "B/old/top1", "B/B/top1"):
         assert via_faiss[key] == exact[key], key

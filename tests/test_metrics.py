@@ -1,4 +1,4 @@
-"""study.metrics against independent references: brute force, hand-computed
+"""study.science.metrics against independent references: brute force, hand-computed
 values and scikit-learn. Offline, a few seconds."""
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from study import metrics
-from study.metrics import (ac_am, backfill_curve, backfill_order, compatibility_matrix,
+from study.science import metrics
+from study.science import retrieval as R
+from study.science.metrics import (ac_am, backfill_curve, backfill_order, compatibility_matrix,
                            curve_area, ecc, ecc_margin, retrieval)
 from reference import retrieval_brute_force
 
@@ -61,12 +62,12 @@ def test_fast_matches_brute_force_separate_gallery(distance, chunk_size, seed):
 @pytest.mark.parametrize("distance", ["cosine", "l2"])
 def test_test_data_really_has_ties(distance, monkeypatch):
     x, y = _tied_data(0)
-    for _, s in metrics._score_blocks(x, x, True, distance, None):
+    for _, s in R._score_blocks(x, x, True, distance, None):
         row = np.delete(s[0], 0)
         assert np.unique(row).size < row.size / 2
     calls = []
-    real = metrics._eq_before
-    monkeypatch.setattr(metrics, "_eq_before", lambda *a: calls.append(1) or real(*a))
+    real = R._eq_before
+    monkeypatch.setattr(R, "_eq_before", lambda *a: calls.append(1) or real(*a))
     retrieval(x, x, y, y, leave_one_out=True, distance=distance)
     assert len(calls) > 10  # the fast path's tie correction really ran
 
@@ -343,7 +344,7 @@ def test_compatibility_matrix_fills_with_retrieval():
 
 
 def test_metrics_module_imports_neither_ray_nor_mlflow():
-    code = ("import sys, study.metrics; "
+    code = ("import sys, study.science.metrics; "
             "bad = [m for m in ('ray', 'mlflow', 'torch') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""The torch path of study.metrics (``device=...``) against the NumPy path and the brute-force
+"""The torch path of study.science.metrics (``device=...``) against the NumPy path and the brute-force
 reference, ties included. Runs on the CPU (and on CUDA too where there is one). A few seconds."""
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from study import _metrics_torch as T
-from study import metrics
-from study import keys as K
-from study.metrics import backfill_curve, backfill_curves, backfill_order, retrieval
+from study.science import _metrics_torch as T
+from study.science import metrics
+from study.science import retrieval as R
+from study.science import keys as K
+from study.science.metrics import backfill_curve, backfill_curves, backfill_order, retrieval
 from reference import retrieval_brute_force
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -47,7 +48,7 @@ def _close(a: dict, b: dict, tol: float = 1e-9) -> bool:
 def test_exact_data_really_ties():
     x, _ = _exact(0)
     for distance in ("cosine", "l2"):
-        for _, s in metrics._score_blocks(x, x, True, distance, None):
+        for _, s in R._score_blocks(x, x, True, distance, None):
             assert np.unique(s[30]).size < s.shape[1] / 5
 
 
@@ -160,14 +161,14 @@ def test_cuda_blocks_follow_free_memory(monkeypatch):
     assert T._block_rows(10, 10**9, 1, cuda, 0) == 1                 # never below one row
     assert T._block_rows(100_000, 100_000, 50, cuda, 0) * 100_000 <= T._MAX_BLOCK_SCORES
     # the CPU keeps the NumPy path's fixed budget
-    assert T._block_rows(10_000, 10_000, 50, torch.device("cpu"), 2) == metrics._default_chunk(10_000, 10_000, 3)
+    assert T._block_rows(10_000, 10_000, 50, torch.device("cpu"), 2) == R._default_chunk(10_000, 10_000, 3)
 
 
 def test_trial_evaluation_through_the_torch_path_gives_the_same_metrics(monkeypatch):
     """run_trial with its evaluation sent to the torch path (as on CUDA) against the NumPy path."""
     from types import SimpleNamespace as NS
 
-    from study import trial
+    from study.science import trial
 
     rng = np.random.default_rng(0)
     y = np.arange(160) % 4

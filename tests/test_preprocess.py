@@ -1,4 +1,4 @@
-"""Per-model preprocessing (study.preprocess): centring and PCA against NumPy references."""
+"""Per-model preprocessing (study.science.preprocess): centring and PCA against NumPy references."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from study import preprocess
-from study.preprocess import Preprocess
-from study.trial import TrialData, run_trial
+from study.science import preprocess
+from study.science.preprocess import Preprocess
+from study.science.trial import TrialData, run_trial
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from study.adapters import orthogonality_deviation
-from study.losses import multi_positive_contrastive, squared_error
-from study.regularizers import (
+from study.science.adapters import orthogonality_deviation
+from study.science.losses import multi_positive_contrastive, squared_error
+from study.science.regularizers import (
     REGULARIZERS,
     build_regularizer,
     lambda_orthogonality,

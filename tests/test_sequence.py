@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from study import keys as K
-from study import metrics
-from study.sequence import SequenceData, run_sequence_trial
-from study.trial import normalize_rows, run_trial
+from study.science import keys as K
+from study.science import metrics
+from study.science.sequence import SequenceData, run_sequence_trial
+from study.science.trial import normalize_rows, run_trial
 
 torch.set_num_threads(1)
 FAST = dict(epochs=3, batch_size=32, lr=1e-2, num_threads=1, backfill_points=3, eval_every=2)
@@ -153,7 +153,7 @@ def test_bad_sequence_input():
 
 
 def test_sequence_module_imports_neither_ray_nor_mlflow():
-    code = ("import sys, study.sequence; bad = [m for m in ('ray', 'mlflow') if m in sys.modules]; "
+    code = ("import sys, study.science.sequence; bad = [m for m in ('ray', 'mlflow') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

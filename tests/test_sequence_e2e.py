@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from study import keys as K
+from study.science import keys as K
 from study.report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,11 +1,11 @@
-"""study.skew_expm.expm_skew against torch.linalg.matrix_exp (Taylor/Pade, float64) as the reference."""
+"""study.science.skew_expm.expm_skew against torch.linalg.matrix_exp (Taylor/Pade, float64) as the reference."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from study.adapters import make_backward
-from study.skew_expm import expm_skew
+from study.science.adapters import make_backward
+from study.science.skew_expm import expm_skew
 
 
 def _skew(n: int, scale: float, seed: int, dtype=torch.float64) -> torch.Tensor:

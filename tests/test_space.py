@@ -201,7 +201,7 @@ def test_synthetic_space_parses_sizes_from_the_name(tmp_path) -> None:
 
 
 def test_index_section_reaches_every_trial_config() -> None:
-    from study.config import TrialConfig
+    from study.science.config import TrialConfig
     from study.tune import trial_config
 
     spec = load_space(SPACES / "index.yaml")
@@ -213,7 +213,7 @@ def test_index_section_reaches_every_trial_config() -> None:
 
 
 def test_metric_keys_follow_the_space(tmp_path) -> None:
-    """A zero-shot set's keys and a `train.topk` k are accepted as metrics; the check uses study.keys."""
+    """A zero-shot set's keys and a `train.topk` k are accepted as metrics; the check uses study.science.keys."""
     spec = load_space(_write(tmp_path, _with(optimize={"metric": "zs/digits/B_top1"}, train={"topk": [1, 10]},
                                              search={"metrics": ["B/old/top10", "zs/digits"], "modes": ["max", "max"]})))
     assert spec.metric == "zs/digits/B_top1" and spec.search.metrics == ("B/old/top10", "zs/digits")
@@ -236,8 +236,8 @@ def test_train_error_lists_only_keys_allowed_under_train(tmp_path) -> None:
 
 
 def test_a_method_registered_alone_is_accepted_and_ordered(tmp_path, monkeypatch) -> None:
-    """The parser and the report take method names and order from study.config.METHODS."""
-    from study.config import METHODS, MethodSpec
+    """The parser and the report take method names and order from study.science.config.METHODS."""
+    from study.science.config import METHODS, MethodSpec
     from study.report import _sort_key
 
     monkeypatch.setitem(METHODS, "affine_twin", MethodSpec("affine", True, "compat", None, order=-1))
@@ -249,7 +249,7 @@ def test_a_method_registered_alone_is_accepted_and_ordered(tmp_path, monkeypatch
 
 def test_readme_method_list_matches_the_registry() -> None:
     """search_spaces/README.md lists every registered method, in registry order, and nothing else."""
-    from study.config import list_methods
+    from study.science.config import list_methods
 
     row = next(line for line in (SPACES / "README.md").read_text().splitlines() if line.startswith("| `methods` |"))
     listed = re.findall(r"`([a-z_]+)`", row.split("|")[2])
@@ -261,7 +261,7 @@ def test_documented_defaults_are_trialconfigs() -> None:
     are TrialConfig's, and every field the `train` row names exists."""
     import dataclasses
 
-    from study.config import TrialConfig
+    from study.science.config import TrialConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
     rows = {line.split("|")[1].strip(): line.split("|") for line in (SPACES / "README.md").read_text().splitlines()

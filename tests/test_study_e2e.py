@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import backbones
-from study.config import TrialConfig
+from study.science.config import TrialConfig
 from study.report import build_report
 from study.tracking import load_trial, param_value
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from study import keys as K
+from study.science import keys as K
 from study import tracking as T
-from study.config import TrialConfig
+from study.science.config import TrialConfig
 from study.tracking import StudyTracker, load_trial, param_value
-from study.trial import TrialResult, save_checkpoint
+from study.science.trial import TrialResult, save_checkpoint
 
 
 def test_param_value_renders_each_kind_one_way() -> None:

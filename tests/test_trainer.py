@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from study.adapters import make_backward
-from study.trainer import DivergedError, resolve_device, train
-from study.trial import TrialData, run_trial
+from study.science.adapters import make_backward
+from study.science.trainer import DivergedError, resolve_device, train
+from study.science.trial import TrialData, run_trial
 
 torch.set_num_threads(1)
 
@@ -75,16 +75,16 @@ def test_same_seed_gives_identical_results_other_seed_does_not():
 
 
 def test_orthogonal_matrix_exponential_once_per_step(monkeypatch):
-    import study.adapters
+    import study.science.adapters
 
     calls = {"n": 0}
-    real = study.adapters.expm_skew
+    real = study.science.adapters.expm_skew
 
     def counting(A):
         calls["n"] += 1
         return real(A)
 
-    monkeypatch.setattr(study.adapters, "expm_skew", counting)
+    monkeypatch.setattr(study.science.adapters, "expm_skew", counting)
     B = make_backward("orthogonal", 5)
     x = torch.randn(20, 5)
 
@@ -107,8 +107,8 @@ def test_resolve_device():
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 def test_adam_matches_torch_optim_adam_bit_for_bit(weight_decay):
-    """study.trainer.Adam against torch.optim.Adam (its CPU single-tensor path) on the same gradients."""
-    from study.trainer import Adam
+    """study.science.trainer.Adam against torch.optim.Adam (its CPU single-tensor path) on the same gradients."""
+    from study.science.trainer import Adam
 
     g = torch.Generator().manual_seed(0)
     init = [torch.randn(7, 5, generator=g), torch.randn(5, generator=g)]
@@ -137,7 +137,7 @@ def test_training_does_not_import_torch_dynamo():
     code = (
         "import sys, numpy as np\n"
         "from types import SimpleNamespace as NS\n"
-        "from study.trial import TrialData, run_trial\n"
+        "from study.science.trial import TrialData, run_trial\n"
         "r = np.random.default_rng(0); y = np.arange(40) % 4\n"
         "f = lambda d: NS(x=r.normal(size=(40, d)).astype(np.float32), y=y)\n"
         "run_trial({'method': 'orthogonal', 'epochs': 1, 'batch_size': 20, 'backfill_points': 3},"

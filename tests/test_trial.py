@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from study import keys as K
-from study import metrics
-from study.config import METHODS, TrialConfig
-from study.trial import TrialData, TrialResult, load_adapters, run_trial
+from study.science import keys as K
+from study.science import metrics
+from study.science.config import METHODS, TrialConfig
+from study.science.trial import TrialData, TrialResult, load_adapters, run_trial
 
 torch.set_num_threads(1)
 
@@ -184,44 +184,46 @@ def test_zero_shot_keys():
         K.zs_keys(["mean"])
 
 
-def _imports(module: str) -> set[str]:
-    """Top-level packages imported by `module`'s source, following imports of other study modules."""
-    root = pathlib.Path(K.__file__).parent  # the study package
-    seen, todo, found = set(), [module], set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        tree = ast.parse((root / f"{name.split('.', 1)[1]}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            else:
-                continue
-            for n in names:
-                found.add(n.split(".")[0])
-                parts = n.split(".")
-                if parts[0] == "study" and len(parts) == 2 and (root / f"{parts[1]}.py").exists():
-                    todo.append(n)
+SCIENCE = pathlib.Path(K.__file__).parent  # the study.science package
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """Top-level packages a module's source imports (absolute imports; the package's own relative ones too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add("." if node.level else node.module.split(".")[0])
     return found
 
 
-@pytest.mark.parametrize("module", ["study.trial", "study.config", "study.keys"])
-def test_science_modules_import_neither_ray_nor_mlflow(module):
-    found = _imports(module)
-    assert not found & {"ray", "mlflow"}, found
-    if module == "study.trial":  # the walk did reach the science modules
-        assert {"torch", "numpy", "study"} <= found
-    else:  # cheap to import for the spec parser and the CLI (torch and faiss load only where used)
-        import subprocess
-        import sys
+@pytest.mark.parametrize("path", sorted(SCIENCE.glob("*.py")), ids=lambda p: p.name)
+def test_no_science_module_imports_ray_mlflow_or_yaml(path):
+    found = _imports(path)
+    assert not found & {"ray", "mlflow", "yaml", "optuna"}, found
+    assert "." not in found, "absolute imports only"
 
-        code = f"import sys, {module}; print(sorted(m for m in ('torch', 'faiss', 'ray', 'mlflow') if m in sys.modules))"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+def test_the_science_imports_nothing_of_the_runner():
+    runner = {p.stem for p in SCIENCE.parent.glob("*.py")} - {"__init__"}
+    for path in SCIENCE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("study"):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                assert not any(n.split(".")[1] in runner for n in names if n.count(".") >= 1), (path.name, names)
+
+
+@pytest.mark.parametrize("module", ["study.science.config", "study.science.keys"])
+def test_config_and_keys_are_cheap_to_import(module):
+    """The spec parser and the CLI import these: neither torch nor faiss (nor Ray, MLflow) loads."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'faiss', 'ray', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_center_shifts_every_split_by_the_train_mean():
@@ -236,7 +238,7 @@ def test_center_shifts_every_split_by_the_train_mean():
 
 
 def test_normalize_rows_gives_unit_rows_in_float32():
-    from study.trial import normalize_rows
+    from study.science.trial import normalize_rows
 
     x = np.random.default_rng(0).normal(size=(50, 7)) * 3.0
     out = normalize_rows(x)

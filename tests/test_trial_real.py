@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import backbones
-from study.trial import TrialData, run_trial
+from study.science.trial import TrialData, run_trial
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 Python imports `sitecustomize` at start-up, so with this folder first on the PYTHONPATH of a study's
 driver (tests/test_study_e2e.py) both the driver, whose parser takes method names from
-`study.config.METHODS`, and the Ray workers it starts (they inherit the environment) see the method.
-The loss joins `study.losses.LOSSES` only when a process imports that module, so processes that never
+`study.science.config.METHODS`, and the Ray workers it starts (they inherit the environment) see the method.
+The loss joins `study.science.losses.LOSSES` only when a process imports that module, so processes that never
 train (Ray's own helpers) do not import torch for it.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any, Sequence
 
-from study.config import METHODS, MethodSpec
+from study.science.config import METHODS, MethodSpec
 
 NAME = "failing"
 MESSAGE = "injected fault: the loss of test method `failing` raises"
@@ -28,10 +28,10 @@ def failing_loss(*args: Any, **kwargs: Any) -> Any:
 
 
 class _RegisterLossOnImport(importlib.abc.MetaPathFinder):
-    """Adds `failing_loss` to `study.losses.LOSSES` right after that module runs."""
+    """Adds `failing_loss` to `study.science.losses.LOSSES` right after that module runs."""
 
     def find_spec(self, name: str, path: Sequence[str] | None, target: ModuleType | None = None) -> ModuleSpec | None:
-        if name != "study.losses":
+        if name != "study.science.losses":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

@@ -1,7 +1,7 @@
-"""The torch path of `study.metrics`: exact retrieval and backfill curves on a torch device.
+"""The torch path of `study.science.metrics`: exact retrieval and backfill curves on a torch device.
 
-Reached through ``study.metrics.retrieval(..., device=...)`` and
-``study.metrics.backfill_curves(..., device=...)`` (a trial on CUDA passes its
+Reached through ``study.science.metrics.retrieval(..., device=...)`` and
+``study.science.metrics.backfill_curves(..., device=...)`` (a trial on CUDA passes its
 device). It shares the NumPy path's input checks, normalisation, score blocks (the
 matmul runs on the device, in full float32: no TF32), positive tables and AP
 bookkeeping; only the ranking of a block is done here, with the module's tie rule
@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from study import metrics as M
+from study.science import backfill as BF
+from study.science import retrieval as R
 
 __all__ = ["retrieval_torch", "backfill_torch"]
 
@@ -56,7 +57,7 @@ def _block_rows(n_query: int, n_gallery: int, width: int, device: torch.device, 
         per_row = (_BYTES_PER_SCORE + 4 * extra_scores) * n_gallery + 24 * (width + 1)
         rows = int(free * _CUDA_MEMORY_SHARE) // per_row
     else:
-        rows = M._default_chunk(n_query, n_gallery, blocks=1 + extra_scores)
+        rows = R._default_chunk(n_query, n_gallery, blocks=1 + extra_scores)
     return max(1, min(n_query, rows, _MAX_BLOCK_SCORES // n_gallery))
 
 
@@ -101,7 +102,7 @@ def _equal_before(s: Tensor, left: Tensor, v: Tensor, pidx: Tensor) -> Tensor:
 
 def _positive_ranks(s: Tensor, pidx: Tensor, valid: Tensor) -> Tensor:
     """Ranks (1-based, the module's tie rule) of each row's positives, sorted ascending; padding
-    entries ``_NO_RANK``. The contract of ``study.metrics._positive_ranks``: excluded items of
+    entries ``_NO_RANK``. The contract of ``study.science.retrieval._positive_ranks``: excluded items of
     the score block `s` are already ``-inf``."""
     b = s.shape[0]
     w = pidx.shape[1]
@@ -112,11 +113,11 @@ def _positive_ranks(s: Tensor, pidx: Tensor, valid: Tensor) -> Tensor:
     hist = torch.bincount((left + offset).view(-1), minlength=b * (w + 1)).view(b, w + 1)
     above = hist.flip(1).cumsum(1).flip(1)[:, 1:]                           # #{k: s_k > v_j}
     ranks = 1 + above + _equal_before(s, left, v, pidx)
-    return ranks.masked_fill(~valid, M._NO_RANK).sort(dim=1).values
+    return ranks.masked_fill(~valid, R._NO_RANK).sort(dim=1).values
 
 
-class _TorchRanking(M._Ranking):
-    """``study.metrics._Ranking`` with each block ranked on its device."""
+class _TorchRanking(R._Ranking):
+    """``study.science.retrieval._Ranking`` with each block ranked on its device."""
 
     def __init__(self, query_labels: np.ndarray, gallery_labels: np.ndarray, leave_one_out: bool,
                  device: torch.device) -> None:
@@ -137,20 +138,20 @@ class _TorchRanking(M._Ranking):
 def retrieval_torch(q: np.ndarray, g: np.ndarray, same: bool, ql: np.ndarray, gl: np.ndarray,
                     ks: tuple[int, ...], *, leave_one_out: bool, distance: str, chunk_size: int | None,
                     device: str | torch.device) -> dict[str, float]:
-    """``study.metrics.retrieval`` on `device`, from its checked inputs."""
+    """``study.science.metrics.retrieval`` on `device`, from its checked inputs."""
     dev = torch.device(device)
     ranking = _TorchRanking(ql, gl, leave_one_out, dev)
     rows = (_block_rows(q.shape[0], g.shape[0], ranking.pos.width, dev, extra_scores=0)
             if chunk_size is None else chunk_size)
     with _full_fp32(), torch.no_grad():
-        for q0, block in M._score_blocks(q, g, same, distance, rows, put=_to(dev)):
+        for q0, block in R._score_blocks(q, g, same, distance, rows, put=_to(dev)):
             ranking.add_block(q0, block)
     return ranking.summary(ks)
 
 
-def backfill_torch(bf: M._Backfill, *, chunk_size: int | None,
+def backfill_torch(bf: BF._Backfill, *, chunk_size: int | None,
                    device: str | torch.device) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``study.metrics.backfill_curves`` on `device`, from its checked inputs."""
+    """``study.science.metrics.backfill_curves`` on `device`, from its checked inputs."""
     dev = torch.device(device)
     n = bf.q.shape[0]
     rankings = {pt: _TorchRanking(bf.y, bf.y, True, dev) for pt in bf.masks}

@@ -2,9 +2,9 @@
 
 A deployed gallery lives in a faiss index whose coarse centroids and codebooks
 were trained on the *old* model's embeddings. This module measures what the
-exact rows of `study.trial` cannot: how B(h_new) queries, and gallery items
+exact rows of `study.science.trial` cannot: how B(h_new) queries, and gallery items
 backfilled with B(h_new), fare inside such an index. Pure NumPy + faiss (no
-torch, Ray, MLflow or YAML); the metric keys are documented in `study.keys`.
+torch, Ray, MLflow or YAML); the metric keys are documented in `study.science.keys`.
 
 Protocol (every index kind of `TrialConfig.index`, one `IndexSpec` each):
 
@@ -18,7 +18,7 @@ Protocol (every index kind of `TrialConfig.index`, one `IndexSpec` each):
   queried with F(h_old) (``F/F``) and B(h_new) (``B/F``). It is also the
   start of the backfill below.
 - **Scores.** ``distance="cosine"``: rows L2-normalised exactly as
-  `study.metrics` does, ``METRIC_INNER_PRODUCT``; ``"l2"``: raw rows,
+  `study.science.metrics` does, ``METRIC_INNER_PRODUCT``; ``"l2"``: raw rows,
   ``METRIC_L2``. Each query searches the top ``k + 1`` and drops its own id
   (leave-one-out kept: a query never retrieves its own image), then
   CMC top-k = share of queries (with a positive in the gallery) whose first
@@ -27,7 +27,7 @@ Protocol (every index kind of `TrialConfig.index`, one `IndexSpec` each):
   the same vectors with the same query side.
 - **Ties.** Within the index's results the order is faiss's. faiss's flat
   search returns exact ties **higher id first**, the opposite of
-  `study.metrics` (lower index first); the two differ only at exact float ties.
+  `study.science.metrics` (lower index first); the two differ only at exact float ties.
 - **Backfilling in the index.** Queries B(h_new); the F index starts with
   F(h_old) ("independent": new queries, an old index turning new, both
   truncated to min(d, n) dims) and items turn into B(h_new) in the paper's
@@ -44,7 +44,7 @@ Protocol (every index kind of `TrialConfig.index`, one `IndexSpec` each):
   ``OMP_NUM_THREADS`` = floor of its assigned CPUs, at least 1
   (``ray._private.utils.set_omp_num_threads_if_unset``, Ray 2.60), so a 1-CPU
   trial runs faiss on one thread instead of every core of the node. Outside Ray
-  with neither set: the usable CPUs, at most 8 (`study.metrics`' rule).
+  with neither set: the usable CPUs, at most 8 (`study.science.metrics`' rule).
 """
 from __future__ import annotations
 
@@ -59,8 +59,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import faiss
 import numpy as np
 
-from study import keys as K
-from study import metrics
+from study.science import keys as K
+from study.science import metrics
+from study.science import retrieval as R
 
 __all__ = ["IndexSpec", "IndexSpecError", "Backfill", "DeployedIndex", "evaluate", "exact_topk", "topk_cmc",
            "recall_at_k", "index_threads"]
@@ -172,7 +173,7 @@ class IndexSpec:
 
 
 def _metric(distance: str) -> int:
-    return faiss.METRIC_INNER_PRODUCT if metrics._check_distance(distance) == "cosine" else faiss.METRIC_L2
+    return faiss.METRIC_INNER_PRODUCT if R._check_distance(distance) == "cosine" else faiss.METRIC_L2
 
 
 def _faiss_error(err: Exception) -> str:
@@ -229,7 +230,7 @@ def _kmeans_sizes(index: faiss.Index) -> list[int]:
 @contextlib.contextmanager
 def index_threads(num_threads: int | None) -> Iterator[int]:
     """faiss's OpenMP threads for a block: `num_threads`, else OMP_NUM_THREADS capped by the usable CPUs."""
-    n = max(1, int(num_threads)) if num_threads is not None else metrics._default_threads()
+    n = max(1, int(num_threads)) if num_threads is not None else R._default_threads()
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(n)
     try:
@@ -243,8 +244,8 @@ def index_threads(num_threads: int | None) -> Iterator[int]:
 # ---------------------------------------------------------------------------
 
 def _prepare(x: np.ndarray, distance: str) -> np.ndarray:
-    """float32 rows as `study.metrics` scores them: normalised for cosine, raw for l2."""
-    return np.ascontiguousarray(metrics._prepare(metrics._as_features(x, "features"), distance)[0])
+    """float32 rows as `study.science.metrics` scores them: normalised for cosine, raw for l2."""
+    return np.ascontiguousarray(R._prepare(R._as_features(x, "features"), distance)[0])
 
 
 def _search(index: faiss.Index, query: np.ndarray, k: int, leave_one_out: bool) -> np.ndarray:
@@ -271,7 +272,7 @@ def topk_cmc(ids: np.ndarray, query_labels, gallery_labels, topk: Sequence[int],
     """CMC top-k in percent from each query's retrieved ids (best first, -1 = none), with the exact
     path's rule: queries without a positive in the gallery (after leave-one-out) are skipped."""
     ql, gl = np.asarray(query_labels), np.asarray(gallery_labels)
-    ks = metrics._check_topk(topk)
+    ks = R._check_topk(topk)
     if ids.shape[1] < max(ks):
         raise ValueError(f"need at least {max(ks)} retrieved ids per query, got {ids.shape[1]}")
     labels, counts = np.unique(gl, return_counts=True)
@@ -387,7 +388,7 @@ def evaluate(specs: Sequence[IndexSpec], *, y: np.ndarray, old_train: np.ndarray
              b_new: np.ndarray | None, f_old: np.ndarray | None,
              backfill: Backfill, topk: Sequence[int] = K.DEFAULT_TOPK, distance: str = "cosine",
              num_threads: int | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Every `index/...` key of `study.keys.index_keys(specs, topk)` and the `index/.../backfill/paper`
+    """Every `index/...` key of `study.science.keys.index_keys(specs, topk)` and the `index/.../backfill/paper`
     curves (M = top-1 at each beta of `backfill.points`).
 
     All arrays are the evaluation split's preprocessed features in one order (labels `y`), except
@@ -458,10 +459,10 @@ def top1_leave_one_out(query: np.ndarray, gallery: np.ndarray, labels: Any, *, c
                        num_threads: int | None = None) -> float:
     """CMC top-1 (percent), cosine, leave-one-out (query i and gallery item i are the same image, as in
     every row of a trial), through a faiss `IndexFlatIP`, with the exact path's rule: among equal scores
-    the lower index ranks first, and queries without a positive are skipped (`study.metrics.retrieval`).
+    the lower index ranks first, and queries without a positive are skipped (`study.science.metrics.retrieval`).
     Each query takes its `candidates` best hits; where every returned hit ties with the best one (the tie
     group may go on past them) the query is scored exactly. Scores are faiss's float32 BLAS products: a
-    near-tie may round differently from `study.metrics`' blocks (float noise, as between two chunkings)."""
+    near-tie may round differently from `study.science.metrics`' blocks (float noise, as between two chunkings)."""
     q = _prepare(query, "cosine")
     g = q if gallery is query else _prepare(gallery, "cosine")
     y = np.asarray(labels)

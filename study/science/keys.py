@@ -56,7 +56,7 @@ Other final keys:
 eval keys with `eval_epoch` at each cheap evaluation.
 
 Index keys (only with `TrialConfig.index`, one set per index kind `<name>`; protocol in
-`study.index_eval`): the gallery sits in a faiss index trained on old train-split features.
+`study.science.index_eval`): the gallery sits in a faiss index trained on old train-split features.
 
     index/<name>/<row>/top1, .../top5    CMC top-k from the index's top-k, leave-one-out, for <row> in
                                          INDEX_ROWS: old/old, B/old, F/old in the old index (trained on
@@ -81,7 +81,7 @@ keys `B/old/top1`, `B/B/top1`, `B/F/top1`, `orth/B` and `zs/mean`, recomputed ev
 epochs (and at the first and last epoch) and carried forward in between so
 that every report has them; `eval_epoch` says when they were computed.
 
-Keys of a sequence trial (`study.sequence.run_sequence_trial`), models 0 (oldest) .. T-1:
+Keys of a sequence trial (`study.science.sequence.run_sequence_trial`), models 0 (oldest) .. T-1:
 
     seq/<stat>/<i>/<j>          M[i][j], stat top1 or mAP, for j <= i: model i's eval queries, mapped by
                                 B_{j+1} o ... o B_i (`compose: chain`), against model j's eval gallery,
@@ -106,7 +106,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:
-    from study.config import TrialConfig
+    from study.science.config import TrialConfig
 
 ROWS: tuple[str, ...] = ("old/old", "new/new", "new/old", "F/old", "F/F", "B/F", "B/old", "B/B")
 """Retrieval rows, named query/gallery."""
@@ -250,14 +250,14 @@ ROW_KEYS: tuple[str, ...] = tuple(row_keys())
 FINAL_KEYS: tuple[str, ...] = tuple(final_keys())
 """Final keys with the default topk and no zero-shot set (`final_keys(names)` adds `zs/<name>/...`)."""
 
-# Files of a trial's checkpoint (`study.trial.save_checkpoint`), the same under its MLflow run's
+# Files of a trial's checkpoint (`study.science.trial.save_checkpoint`), the same under its MLflow run's
 # `adapters/` artifacts.
-ADAPTERS_FILE = "adapters.pt"   # the adapters' tensors (`study.adapters.export_state`)
+ADAPTERS_FILE = "adapters.pt"   # the adapters' tensors (`study.science.adapters.export_state`)
 CONFIG_FILE = "config.json"     # the resolved TrialConfig (`TrialConfig.to_dict`)
 CURVES_FILE = "curves.json"     # `TrialResult.curves`
 
 # ---------------------------------------------------------------------------
-# Sequence trials (`study.sequence`): T models, oldest first, one adapter set per update
+# Sequence trials (`study.science.sequence`): T models, oldest first, one adapter set per update
 # ---------------------------------------------------------------------------
 SEQ_STATS: tuple[str, ...] = ("top1", "mAP")
 SEQ_TIME = "time/sequence_s"

@@ -7,7 +7,7 @@ one builder function and one entry.
 - ``orthogonal``: B = exp(P) with P skew-symmetric, no bias: the map of
   ``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map="matrix_exp")``
   (W = base @ exp(P), P = X.tril(-1) - X.tril(-1)^T, X trained, starting at 0),
-  with exp computed by `study.skew_expm.expm_skew` (one eigendecomposition; an
+  with exp computed by `study.science.skew_expm.expm_skew` (one eigendecomposition; an
   exact gradient 3-4x cheaper than torch's and closer to orthogonal in float32).
   Every angle and distance of the new space is preserved. W = base @ exp(P)
   never leaves the connected component of its init: from B = I only rotations
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from study.skew_expm import expm_skew
+from study.science.skew_expm import expm_skew
 
 __all__ = [
     "BACKWARD_KINDS",

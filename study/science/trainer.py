@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from study.config import LR_SCHEDULES
+from study.science.config import LR_SCHEDULES
 
 __all__ = ["Adam", "DivergedError", "resolve_device", "train"]
 

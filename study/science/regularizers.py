@@ -6,7 +6,7 @@
                ||W^T W - I||_F^2 with squared=True (Bansal et al. 2018's form)
     SRIP     : sigma_max(W^T W - I) by power iteration (Bansal et al. 2018)
 
-`REGULARIZERS` maps a name (used by `study.config.METHODS`) to a factory
+`REGULARIZERS` maps a name (used by `study.science.config.METHODS`) to a factory
 `f(config) -> callable(W) -> scalar tensor`; a factory may keep state between
 calls (SRIP keeps its power-iteration vector, as torch's spectral_norm does).
 """
@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from study.adapters import orthogonality_deviation
+from study.science.adapters import orthogonality_deviation
 
 __all__ = [
     "orthogonality_deviation",

@@ -21,8 +21,8 @@ cross-entropy H(q_i, p_i). Anchors are the first argument only (one direction).
 
 FCT's objective ("fct"): L = ||F(h_old) - h_new||^2 (reported as loss/forward).
 
-`LOSSES` is the registry used by `study.config.METHODS`. Each entry returns a
-dict with every key of `study.keys.LOSS_KEYS` (`loss/total` is the one optimised).
+`LOSSES` is the registry used by `study.science.config.METHODS`. Each entry returns a
+dict with every key of `study.science.keys.LOSS_KEYS` (`loss/total` is the one optimised).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from study.adapters import truncate_pair
+from study.science.adapters import truncate_pair
 
 __all__ = ["squared_error", "multi_positive_contrastive", "compat_loss", "fct_loss", "LOSSES"]
 

@@ -1,11 +1,11 @@
 """A sequence trial: T models, oldest first, updated T-1 times; the compatibility matrix across them.
 
-    from study.sequence import SequenceData, run_sequence_trial
+    from study.science.sequence import SequenceData, run_sequence_trial
     result = run_sequence_trial({"method": "lambda", "lam": 12}, data, compose="direct")
     result.metrics["seq/top1/2/0"], result.metrics["seq/AC/top1"], result.state["step2.B.weight"]
 
-Protocol (keys in `study.keys`, section "Keys of a sequence trial"):
-1. Update t (t = 1 .. T-1) is an ordinary pair trial (`study.trial.run_trial`) with old = model t-1 and
+Protocol (keys in `study.science.keys`, section "Keys of a sequence trial"):
+1. Update t (t = 1 .. T-1) is an ordinary pair trial (`study.science.trial.run_trial`) with old = model t-1 and
    new = model t on the train split: it trains B_t (model t -> model t-1) and F_t (t-1 -> t) and
    reports every pair key, as `step<t>/<key>`.
 2. The map i -> j (j < i) is B_{j+1} o ... o B_i, one linear map (its matrix and bias composed in
@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from study import keys as K
-from study import metrics
-from study.adapters import orthogonality_deviation, truncate_pair
-from study.config import TrialConfig
-from study.preprocess import Preprocess
-from study.trainer import resolve_device
-from study.trial import (
+from study.science import keys as K
+from study.science import metrics
+from study.science.adapters import orthogonality_deviation, truncate_pair
+from study.science.config import TrialConfig
+from study.science.preprocess import Preprocess
+from study.science.trainer import resolve_device
+from study.science.trial import (
     TrialData,
     TrialResult,
     _Frozen,
@@ -124,7 +124,7 @@ def _frozen(W: np.ndarray, b: np.ndarray, device: torch.device) -> _Frozen:
 
 
 class _Models:
-    """Every model's eval features (preprocessed as a trial does: `study.preprocess`) and labels."""
+    """Every model's eval features (preprocessed as a trial does: `study.science.preprocess`) and labels."""
 
     def __init__(self, cfg: TrialConfig, data: SequenceData, device: torch.device) -> None:
         self.cfg, self.device = cfg, device

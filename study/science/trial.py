@@ -1,24 +1,24 @@
 """One trial: train the adapters of one method on cached features and evaluate them.
 
-    from study.trial import run_trial, TrialData
+    from study.science.trial import run_trial, TrialData
     result = run_trial({"method": "lambda", "lam": 12}, data, on_epoch=print)
     result.metrics["B/old/top1"], result.state["B.weight"], result.curves["backfill/paper"]
 
 `run_trial` is what a Ray Tune trial calls and what a user calls in a notebook:
 it takes a config and arrays and returns floats and tensors. It imports neither
-Ray nor MLflow. The metric keys are documented in `study.keys`.
+Ray nor MLflow. The metric keys are documented in `study.science.keys`.
 
-Protocol (see `study.keys` for every key):
+Protocol (see `study.science.keys` for every key):
 1. Features are cast to float32 and, with `normalize=True` (default),
    L2-normalised; with `center=True` each model's mean train feature is then
    subtracted from all of its features (zero-shot sets included); with `pca = k` a model's features above k
    dims are projected onto their k leading principal components (fitted on its train split) and
-   re-normalised (`study.preprocess`). The train split trains the adapters of the method
-   (`study.config.METHODS`); "independent" trains nothing.
+   re-normalised (`study.science.preprocess`). The train split trains the adapters of the method
+   (`study.science.config.METHODS`); "independent" trains nothing.
 2. On the evaluation split every row old/old ... B/B is scored leave-one-out
    (queries = gallery = the split's images; a query never retrieves its own
    image). New-side vectors meet old features truncated to min(d, n) dims.
-   On a CUDA trial this and steps 4-5 run on its device (`study.metrics`' torch
+   On a CUDA trial this and steps 4-5 run on its device (`study.science.metrics`' torch
    path: same scores, tie rule and numbers), on a CPU trial in NumPy.
 3. ECC (strict >) and its margin for new/old and B/old against old/old;
    gain/B/B; orth/B = ||W^T W - I||_F of the trained B.
@@ -34,7 +34,7 @@ Protocol (see `study.keys` for every key):
    gallery turning into h_new (truncated to min(d, n) dims when d != n).
 6. With `index` entries: the rows old/old, B/old, F/old, F/F, B/F and the paper-order backfill
    again inside faiss indexes trained on the train split's old (or F-mapped) features
-   (`study.index_eval`; keys `index/...`).
+   (`study.science.index_eval`; keys `index/...`).
 """
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from study import keys as K
-from study import metrics
-from study.adapters import (
+from study.science import keys as K
+from study.science import metrics
+from study.science.adapters import (
     backward_weight,
     export_state,
     load_adapters,
@@ -62,11 +62,11 @@ from study.adapters import (
     orthogonality_deviation,
     truncate_pair,
 )
-from study.config import TrialConfig
-from study.losses import LOSSES
-from study.preprocess import Preprocess, as_tensor
-from study.regularizers import build_regularizer
-from study.trainer import DivergedError, resolve_device, train
+from study.science.config import TrialConfig
+from study.science.losses import LOSSES
+from study.science.preprocess import Preprocess, as_tensor
+from study.science.regularizers import build_regularizer
+from study.science.trainer import DivergedError, resolve_device, train
 
 __all__ = ["TrialData", "TrialResult", "run_trial", "normalize_rows", "load_adapters", "DivergedError",
            "save_checkpoint", "load_checkpoint"]
@@ -134,8 +134,8 @@ class TrialData:
 
 @dataclass
 class TrialResult:
-    """metrics: flat dict of floats (keys in `study.keys`); state: the adapters' tensors
-    (`study.adapters.export_state`, for torch.save / `load_adapters`; with `pca`, also `old.pca` / `new.pca`,
+    """metrics: flat dict of floats (keys in `study.science.keys`); state: the adapters' tensors
+    (`study.science.adapters.export_state`, for torch.save / `load_adapters`; with `pca`, also `old.pca` / `new.pca`,
     the [dim, k] bases a model's normalised features are multiplied by before B or F); curves: lists of
     floats: `backfill/beta`, `backfill/paper`, `backfill/random`, per-epoch `loss/*`,
     and per-epoch cheap eval values (`B/old/top1`, ..., with `eval_epoch`); config: the
@@ -159,7 +159,7 @@ def normalize_rows(x: Any) -> np.ndarray:
 
 class _TrainRows:
     """A train split read batch by batch: rows gathered from the (memory-mapped) array and
-    preprocessed by `prep` (`study.preprocess`: normalise, centre, PCA) on its device."""
+    preprocessed by `prep` (`study.science.preprocess`: normalise, centre, PCA) on its device."""
 
     def __init__(self, features: Any, prep: Preprocess) -> None:
         self.x = as_tensor(features.x)
@@ -216,7 +216,7 @@ def _top1(cfg: TrialConfig, query: np.ndarray, gallery: np.ndarray, labels: np.n
     CPU trial with cosine from `metrics.FAISS_TOP1_MIN_ROWS` rows on (where it measured faster; same
     tie rule), else `metrics.retrieval`."""
     if device is None and cfg.distance == "cosine" and len(gallery) >= metrics.FAISS_TOP1_MIN_ROWS:
-        from study import index_eval  # imports faiss
+        from study.science import index_eval  # imports faiss
 
         return index_eval.top1_leave_one_out(query, gallery, labels, num_threads=cfg.num_threads)
     return float(metrics.retrieval(query, gallery, labels, labels, leave_one_out=True, distance=cfg.distance,
@@ -224,7 +224,7 @@ def _top1(cfg: TrialConfig, query: np.ndarray, gallery: np.ndarray, labels: np.n
 
 
 def _metrics_device(device: torch.device) -> torch.device | None:
-    """The `device` of `study.metrics`: a CUDA trial's evaluation runs there (the torch path),
+    """The `device` of `study.science.metrics`: a CUDA trial's evaluation runs there (the torch path),
     a CPU trial's in NumPy (faster on a CPU: benchmarks/results/eval_paths.json)."""
     return device if device.type == "cuda" else None
 
@@ -351,7 +351,7 @@ def run_trial(
     """Train the method's adapters on `data`'s train split and evaluate everything.
 
     `on_epoch(epoch, metrics)` is called after each training epoch with the
-    keys of `study.keys.EPOCH_KEYS` ("independent" trains nothing and calls it
+    keys of `study.science.keys.EPOCH_KEYS` ("independent" trains nothing and calls it
     never). Raises `DivergedError` when a loss becomes NaN/inf, `ValueError`
     for a bad config or inconsistent data.
     """
@@ -440,7 +440,7 @@ def run_trial(
     out.update(bf)
     curves.update(bf_curves)
     if cfg.index:
-        from study import index_eval
+        from study.science import index_eval
         index_train = old_tr.sample(index_eval.MAX_TRAIN_ROWS, cfg.seed)
         old_tr_np = _np(index_train)
         start_train = _np(F_eval(index_train)) if f_old is not None else old_tr_np[:, :bf_sides[1].shape[1]]

@@ -1,6 +1,6 @@
 """exp(A) of a real skew-symmetric matrix, with an exact gradient 3-4x cheaper than torch's.
 
-    from study.skew_expm import expm_skew
+    from study.science.skew_expm import expm_skew
     Q = expm_skew(X.tril(-1) - X.tril(-1).mT)     # orthogonal, differentiable in X
 
 Why: the orthogonal adapter B = exp(P) is the one expensive step of an

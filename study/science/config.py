@@ -7,9 +7,9 @@ a config field with a default that is ours, and its comment says why.
 `METHODS` is the method registry: one `MethodSpec` entry per method names which
 backward adapter B is built, whether a forward adapter F is trained, which loss
 and which regularizer on W(B) are used. Adding a method is one entry here (plus,
-if it needs one, a new adapter kind in `study.adapters.BACKWARD_KINDS`, a
-regularizer in `study.regularizers.REGULARIZERS` or a loss in
-`study.losses.LOSSES`).
+if it needs one, a new adapter kind in `study.science.adapters.BACKWARD_KINDS`, a
+regularizer in `study.science.regularizers.REGULARIZERS` or a loss in
+`study.science.losses.LOSSES`).
 
 This module imports neither torch nor Ray nor MLflow, so the study spec parser
 and the CLI can validate configs cheaply.
@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-if TYPE_CHECKING:  # study.index_eval imports faiss: only configs with an index load it
-    from study.index_eval import IndexSpec
+if TYPE_CHECKING:  # study.science.index_eval imports faiss: only configs with an index load it
+    from study.science.index_eval import IndexSpec
 
 __all__ = ["MethodSpec", "METHODS", "list_methods", "TrialConfig"]
 
@@ -32,10 +32,10 @@ __all__ = ["MethodSpec", "METHODS", "list_methods", "TrialConfig"]
 class MethodSpec:
     """How a method is built. Strings are keys of the registries named per field."""
 
-    backward: str | None  # key of study.adapters.BACKWARD_KINDS; None: no B at all (B rows NaN)
+    backward: str | None  # key of study.science.adapters.BACKWARD_KINDS; None: no B at all (B rows NaN)
     forward: bool  # whether an affine F: R^d -> R^n is trained
-    loss: str | None  # key of study.losses.LOSSES; None: nothing is trained
-    regularizer: str | None  # key of study.regularizers.REGULARIZERS on W of B; None: none
+    loss: str | None  # key of study.science.losses.LOSSES; None: nothing is trained
+    regularizer: str | None  # key of study.science.regularizers.REGULARIZERS on W of B; None: none
     order: int  # position in lists and report tables (the paper's table order: baselines first, lambda, affine)
     needs_lam: bool = False  # the config must give `lam`
     doc: str = ""
@@ -79,7 +79,7 @@ def list_methods() -> list[str]:
 
 
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
-"""Learning-rate schedules of `study.trainer.train` (see its docstring)."""
+"""Learning-rate schedules of `study.science.trainer.train` (see its docstring)."""
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "init": ("identity", "torch"),
@@ -136,7 +136,7 @@ class TrialConfig:
     #   pair it let the bias-free orthogonal B reach B/old 86 instead of 80 and steadied B/F, but it also
     #   changes old/old and new/new, which are measured on the same preprocessed features
     pca: int | None = None  # ours: k = reduce each model's features above k dims to their k leading principal
-    #   components of its train split (then re-normalised; `study.preprocess`). The regulariser's and exp(P)'s n^3
+    #   components of its train split (then re-normalised; `study.science.preprocess`). The regulariser's and exp(P)'s n^3
     #   terms shrink by (n/k)^3: the offline default's lever to train 1280-d Lite features to their plateau on a
     #   laptop (docs/convergence.md). None = the features as they are (the paper)
     srip_iters: int = 10  # ours: power iterations per step for SRIP (matrix-vector products, cheap)
@@ -149,7 +149,7 @@ class TrialConfig:
     #   order only matters through items that intrude into other classes' rankings: on the MNIST pair the paper
     #   order beat random by ~2 mAP points, while top-1 (set by the one nearest item) could not tell them apart
     eval_every: int = 5  # ours: cheap eval (B/old, B/B, B/F top-1, orth/B, zs/mean) every k epochs, and at the first and last
-    index: tuple[IndexSpec, ...] = ()  # faiss index kinds to evaluate in (`study.index_eval`): entries
+    index: tuple[IndexSpec, ...] = ()  # faiss index kinds to evaluate in (`study.science.index_eval`): entries
     #   {factory, name, nprobe, efSearch, recall_k}; a space's top-level `index:` section fills it. Empty: none
 
     # --- runtime -----------------------------------------------------------
@@ -315,13 +315,13 @@ def _as_int(where: str, value: Any) -> int:
 
 
 def _index_specs(where: str, value: Any) -> tuple["IndexSpec", ...]:
-    """The `index` entries as `study.index_eval.IndexSpec`s (keys and types checked, no dims needed)."""
+    """The `index` entries as `study.science.index_eval.IndexSpec`s (keys and types checked, no dims needed)."""
     if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
         raise ValueError(f"`{where}` must be a list of index entries such as {{factory: IVF64,PQ16}}, got {value!r}")
     value = list(value)
     if not value:
         return ()
-    from study.index_eval import IndexSpec, IndexSpecError
+    from study.science.index_eval import IndexSpec, IndexSpecError
     out = []
     for i, entry in enumerate(value):
         try:
