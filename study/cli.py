@@ -153,6 +153,7 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
     import ray
 
     from study import tune as st
+    from study.mlflow_view import VIEW_TAG, view_json, view_url
     from study.report import build_report
 
     st.init_ray(args.address, args.num_cpus)
@@ -167,10 +168,13 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
                   "search": spec.search.kind, "scheduler": spec.scheduler.kind}
         tracker.start_study(params=params, tags=tags, artifacts=[spec.path])
         tracker.write_json(counts, "features.json")
+        exps = st.experiments(spec)
+        grid = [st.trial_tags(cfg) for exp in exps if not exp.table.searched for cfg in exp.table.base.values()]
+        tracker.set_experiment_tag(VIEW_TAG, view_json(grid))
         print(f"[mlflow] study run {tracker.parent_run_id} at {tracker.tracking_uri}")
 
         total_failed, interrupted = 0, False
-        for exp in st.experiments(spec):
+        for exp in exps:
             tuner = st.make_tuner(spec, exp, features, tracker, storage=storage,
                                   max_concurrent=args.max_concurrent or spec.max_concurrent)
             results = tuner.fit()
@@ -196,7 +200,8 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any) -
         if total_failed:
             print(f"finished with failures: {total_failed} trial(s) failed (see the FAILED runs in MLflow)", file=sys.stderr)
             return EXIT_FAILURES
-        print(f"finished: open `mlflow ui --host 127.0.0.1 --backend-store-uri {tracker.tracking_uri}`")
+        print(f"finished: run `mlflow ui --host 127.0.0.1 --backend-store-uri {tracker.tracking_uri}` and open "
+              f"{view_url('http://127.0.0.1:5000', tracker.experiment_id)}")
         return EXIT_OK
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun the same command to resume:\n  {_resume_command()}", file=sys.stderr)
