@@ -5,7 +5,7 @@ view (:mod:`study.mlflow_view`) in headless Chromium and saves the runs table an
 chart view as PNGs. Needs selenium, which is no project dependency; use a separate venv:
 
     python3 -m venv /tmp/shotvenv && /tmp/shotvenv/bin/pip install selenium
-    PYTHONPATH=. /tmp/shotvenv/bin/python docs/screenshots.py mlflow.db docs/img \
+    /tmp/shotvenv/bin/python docs/screenshots.py mlflow.db docs/img \
         --mlflow /path/to/project/venv/bin/mlflow
 
 The copy gets the view tag (as a study run today writes it), so a study tracked before the
@@ -14,7 +14,6 @@ view existed shows it too; the original database is only read.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sqlite3
 import subprocess
 import sys
