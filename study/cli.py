@@ -180,6 +180,7 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any, *
 
     from study import tracking as T
     from study import tune as st
+    from study.mlflow_view import VIEW_TAG, view_json, view_url
     from study.report import build_report
 
     st.init_ray(args.address, args.num_cpus)
@@ -194,12 +195,15 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any, *
                   "search": spec.search.kind, "scheduler": spec.scheduler.kind}
         tracker.start_study(params=params, tags=tags, artifacts=[spec.path])
         tracker.write_json(counts, "features.json")
+        exps = st.experiments(spec, optuna_storage)
+        grid = [st.trial_tags(cfg) for exp in exps if not exp.table.searched for cfg in exp.table.base.values()]
+        tracker.set_experiment_tag(VIEW_TAG, view_json(grid))
         print(f"[mlflow] study run {tracker.parent_run_id} at {tracker.tracking_uri}")
 
         total_failed, interrupted = 0, False
         if optuna_storage:
             print(f"[optuna] studies in {optuna_storage}")
-        for exp in st.experiments(spec, optuna_storage):
+        for exp in exps:
             tuner = st.make_tuner(spec, exp, features, tracker, storage=storage,
                                   max_concurrent=args.max_concurrent or spec.max_concurrent)
             results = tuner.fit()
@@ -228,7 +232,8 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any, *
         if total_failed:
             print(f"finished with failures: {total_failed} trial(s) failed (see the FAILED runs in MLflow)", file=sys.stderr)
             return EXIT_FAILURES
-        print(f"finished: open `mlflow ui --host 127.0.0.1 --backend-store-uri {tracker.tracking_uri}`")
+        print(f"finished: run `mlflow ui --host 127.0.0.1 --backend-store-uri {tracker.tracking_uri}` and open "
+              f"{view_url('http://127.0.0.1:5000', tracker.experiment_id)}")
         if optuna_storage:
             print(f"          and `optuna-dashboard {optuna_storage}` (pip install optuna-dashboard)")
         return EXIT_OK

@@ -121,6 +121,14 @@ class StudyTracker:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
 
+    @property
+    def experiment_id(self) -> str:
+        return self._experiment()
+
+    def set_experiment_tag(self, key: str, value: str) -> None:
+        """Tag the study's experiment (its MLflow UI view, :mod:`study.mlflow_view`)."""
+        _retry(lambda: self.client.set_experiment_tag(self._experiment(), key, value))
+
     def start_study(self, *, params: dict[str, Any], tags: dict[str, str], artifacts: Iterable[Path] = ()) -> str:
         """Open (or reopen after an interruption) the study's parent run."""
         exp = self._experiment()

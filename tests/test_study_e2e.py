@@ -1,6 +1,7 @@
 """End to end on smoke.yaml, offline: the runner, MLflow contents, the report, resume without duplicates."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import backbones
 from study.science.config import TrialConfig
+from study.mlflow_view import VIEW_TAG, group_id
 from study.report import build_report
 from study.tracking import load_trial, param_value
 
@@ -51,6 +53,16 @@ def finished_study(tmp_path_factory) -> Path:
     proc = run_cli(workdir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return workdir
+
+
+def test_experiment_holds_the_ui_view_of_its_trials(finished_study: Path) -> None:
+    exp = MlflowClient(tracking_uri=f"sqlite:///{finished_study / 'mlflow.db'}").get_experiment_by_name("smoke")
+    state = json.loads(exp.tags[VIEW_TAG])
+    # the groups the driver closed in advance are exactly those of the runs it then logged
+    keys = [k["groupByData"] for k in state["groupBy"]["groupByKeys"]]
+    assert keys == ["method", "lambda"]  # one pair, one data set
+    assert set(state["groupsExpanded"]) == {group_id(r.data.tags, keys) for r in children(finished_study)}
+    assert len(state["groupsExpanded"]) == N_SMOKE_TRIALS
 
 
 def test_mlflow_holds_parent_and_finished_children(finished_study: Path) -> None:
