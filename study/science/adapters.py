@@ -98,15 +98,20 @@ def _orthogonal(n: int, init: str, generator: torch.Generator | None) -> nn.Modu
     return lin
 
 
-def _affine(n: int, init: str, generator: torch.Generator | None) -> nn.Module:
-    lin = nn.Linear(n, n, bias=True)
+def _linear(in_f: int, out_f: int, init: str, generator: torch.Generator | None) -> nn.Linear:
+    """An affine layer R^in_f -> R^out_f: weight by `_init_weight`, bias 0 ("identity") or nn.Linear's U(+-1/sqrt(in))."""
+    lin = nn.Linear(in_f, out_f, bias=True)
     with torch.no_grad():
-        lin.weight.copy_(_init_weight((n, n), init, generator))
+        lin.weight.copy_(_init_weight((out_f, in_f), init, generator))
         if init == "identity":
             lin.bias.zero_()
         else:
-            lin.bias.copy_((torch.rand(n, generator=generator) * 2 - 1) / n**0.5)
+            lin.bias.copy_((torch.rand(out_f, generator=generator) * 2 - 1) / in_f**0.5)
     return lin
+
+
+def _affine(n: int, init: str, generator: torch.Generator | None) -> nn.Module:
+    return _linear(n, n, init, generator)
 
 
 def _identity(n: int, init: str, generator: torch.Generator | None) -> nn.Module:
@@ -130,14 +135,7 @@ def make_backward(kind: str, n: int, *, init: str = "identity", generator: torch
 
 def make_forward(d: int, n: int, *, init: str = "identity", generator: torch.Generator | None = None) -> nn.Linear:
     """F: affine R^d -> R^n (one linear layer with bias)."""
-    lin = nn.Linear(d, n, bias=True)
-    with torch.no_grad():
-        lin.weight.copy_(_init_weight((n, d), init, generator))
-        if init == "identity":
-            lin.bias.zero_()
-        else:
-            lin.bias.copy_((torch.rand(n, generator=generator) * 2 - 1) / d**0.5)
-    return lin
+    return _linear(d, n, init, generator)
 
 
 def backward_weight(B: nn.Module, n: int | None = None) -> Tensor:
