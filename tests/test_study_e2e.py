@@ -256,8 +256,14 @@ def _check_optuna_matches_mlflow(workdir: Path, space: dict, n_trials: int) -> N
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == n_trials
     assert {t.state for t in study.get_trials()} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL}
-    runs = children(workdir, space["name"])
-    assert len(runs) == n_trials and all(r.info.status == "FINISHED" for r in runs)
+    everything = children(workdir, space["name"])
+    runs = [r for r in everything if r.info.status == "FINISHED"]
+    assert len(runs) == n_trials
+    # a trial the killed driver had started but Ray's saved state did not know: its run is closed KILLED,
+    # its Optuna trial FAIL, and the resumed search asks for a new one
+    lost = [r for r in everything if r.info.status != "FINISHED"]
+    assert all(r.info.status == "KILLED" for r in lost), [r.info.status for r in lost]
+    assert len(lost) <= len(study.get_trials(states=(optuna.trial.TrialState.FAIL,)))
     by_lam = {float(r.data.params["lam"]): r for r in runs}
     for t in trials:
         run = by_lam[t.params["lam"]]
@@ -289,5 +295,5 @@ def test_killed_optuna_search_resumes_its_optuna_study(tmp_path: Path) -> None:
         trials = {t.number: t.params for t in _optuna_study(tmp_path, space).get_trials(states=complete)}
         assert all(trials[n] == params for n, params in first.items())   # kept, COMPLETE
     lo, hi = space["search"]["lambda"]
-    lams = [float(r.data.params["lam"]) for r in children(tmp_path, space["name"])]
+    lams = [float(r.data.params["lam"]) for r in children(tmp_path, space["name"]) if r.info.status == "FINISHED"]
     assert all(lo <= lam <= hi for lam in lams) and len(set(lams)) == 3   # sampled, not a grid
