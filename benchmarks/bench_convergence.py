@@ -98,6 +98,7 @@ def main() -> int:
             curves = result.curves
             steps = [e * steps_per_epoch for e in curves["eval_epoch"]]
             b_old = curves["B/old/top1"]
+            tail_range, tail_drift = last_fifth_change(steps, b_old)
             row = {
                 "pair": pair, "method": entry, "pca": args.pca or None, "lr": args.lr, "schedule": args.schedule, "steps": epochs * steps_per_epoch,
                 "batch_size": args.batch_size, "seconds": round(seconds, 1),
@@ -107,8 +108,8 @@ def main() -> int:
                                                          "B/F/top1", "orth/B", "zs/mean", "backfill/auc_paper",
                                                          "backfill/auc_random")},
                 "plateau_step": plateau_step(steps, b_old),
-                "last_fifth_change": last_fifth_change(steps, b_old)[0],
-                "last_fifth_drift": last_fifth_change(steps, b_old)[1],
+                "last_fifth_change": tail_range,
+                "last_fifth_drift": tail_drift,
             }
             rows.append(row)
             f = row["final"]

@@ -19,6 +19,7 @@ entries of any size stay on disk.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-__all__ = ["PCA_FIT_ROWS", "Preprocess", "as_tensor"]
+__all__ = ["PCA_FIT_ROWS", "Preprocess", "as_tensor", "sample_rows"]
 
 PCA_FIT_ROWS = 100_000  # rows the principal directions are fitted on (seeded sample beyond that)
 _CHUNK = 65536  # rows per pass over a train split
@@ -34,13 +35,18 @@ _CHUNK = 65536  # rows per pass over a train split
 
 def as_tensor(x: Any) -> Tensor:
     """A CPU tensor over the array's own memory (any dtype; no copy for a read-only memory map)."""
-    import warnings
-
     with warnings.catch_warnings():
         # Cached features are read-only memory maps; they are never written (normalising,
         # casting and shifting make new tensors), so share them instead of copying.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.as_tensor(np.asarray(x))
+
+
+def sample_rows(n: int, limit: int, seed: int) -> Tensor | None:
+    """None when all `n` rows fit in `limit`, else `limit` seeded row indices in row order."""
+    if n <= limit:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
 class Preprocess:
@@ -71,8 +77,7 @@ class Preprocess:
         `PCA_FIT_ROWS`, accumulated in float64 a chunk at a time), each signed so that its
         largest-magnitude coordinate is positive (deterministic across eigensolvers)."""
         n, dim = rows.shape
-        idx = None if n <= PCA_FIT_ROWS else \
-            torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:PCA_FIT_ROWS].sort().values
+        idx = sample_rows(n, PCA_FIT_ROWS, seed)
         m = n if idx is None else len(idx)
         gram = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
         total = torch.zeros(dim, dtype=torch.float64, device=self.device)

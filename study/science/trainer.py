@@ -118,12 +118,11 @@ def train(
     opt = Adam(params, lr=lr, weight_decay=weight_decay) if params else None
     gen = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
-    per_epoch = len(range(0, n_samples, batch_size)[:steps_per_epoch])
-    total_steps, done = epochs * per_epoch, 0
+    starts = range(0, n_samples, batch_size)[:steps_per_epoch]  # the batches of every epoch
+    total_steps, done = epochs * len(starts), 0
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n_samples, generator=gen).to(device)
         sums: dict[str, Tensor] = {}
-        starts = range(0, n_samples, batch_size)[:steps_per_epoch]
         seen = 0
         for step, start in enumerate(starts):
             if opt is not None and lr_schedule == "cosine":

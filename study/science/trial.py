@@ -64,7 +64,7 @@ from study.science.adapters import (
 )
 from study.science.config import TrialConfig
 from study.science.losses import LOSSES
-from study.science.preprocess import Preprocess, as_tensor
+from study.science.preprocess import Preprocess, as_tensor, sample_rows
 from study.science.regularizers import build_regularizer
 from study.science.trainer import DivergedError, resolve_device, train
 
@@ -171,11 +171,8 @@ class _TrainRows:
 
     def sample(self, limit: int, seed: int) -> Tensor:
         """Every prepared row if there are at most `limit`, else `limit` of them (seeded, in row order)."""
-        n = self.shape[0]
-        if n <= limit:
-            return self.prep(self.x)
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-        return self[idx]
+        idx = sample_rows(self.shape[0], limit, seed)
+        return self.prep(self.x) if idx is None else self[idx]
 
 
 def _tensor(features: Any, prep: Preprocess) -> tuple[Tensor, Tensor]:
