@@ -72,3 +72,45 @@ def test_driver_never_loads_a_feature_array_and_trials_open_only_their_keys(spec
     x, y = backbones._synthetic.features(cfg["dataset"], "train", 128, 0, 500)
     np.testing.assert_array_equal(data.old_train.x, x.astype(np.float16))
     np.testing.assert_array_equal(data.old_train.y, y)
+
+
+SEQUENCE_SPACE = """
+name: sequence-small
+sequences:
+  - models: [synthetic_64, synthetic_128, synthetic_256]
+    zero_shot: [synthetic-c4-train10-test120]
+datasets:
+  - {name: synthetic-c3-train500-test90}
+methods: [affine]
+seeds: [0]
+"""
+
+
+def test_a_sequence_trial_opens_every_model_s_splits_and_the_mapped_models_zero_shot_sets(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LAMBDA_COMPAT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "space.yaml"
+    path.write_text(SEQUENCE_SPACE)
+    spec = load_space(path)
+    st.init_ray(None, num_cpus=2)
+    try:
+        handles, _ = st.feature_phase(spec, log=lambda line: None)
+    finally:
+        ray.shutdown()
+    opened: list[str] = []
+    real = backbones.open_features
+    monkeypatch.setattr(backbones, "open_features", lambda h: opened.append(h.path) or real(h))
+    cfg = next(iter(st.experiments(spec)[0].table.base.values()))
+    data = st.sequence_data(cfg, handles)
+    models, ds, zs = ["synthetic_64", "synthetic_128", "synthetic_256"], cfg["dataset"], "synthetic-c4-train10-test120"
+    mine = [st.FeatureKey(m, ds, s) for m in models for s in ("train", "test")]
+    mine += [st.FeatureKey(m, zs, "test") for m in models[1:]]  # model 0 is never mapped
+    assert sorted(opened) == sorted(handles[str(k)].path for k in mine)
+    assert data.t == 3 and list(data.zero_shot) == [zs]
+    for t, (model, dim) in enumerate(zip(models, (64, 128, 256))):
+        for split, got in (("train", data.train[t]), ("test", data.eval[t])):
+            x, y = backbones._synthetic.features(ds, split, dim, 0, backbones._synthetic.params(ds)[split])
+            np.testing.assert_array_equal(got.x, x)
+            np.testing.assert_array_equal(got.y, y)
+    for t, got in enumerate(data.zero_shot[zs], start=1):
+        x, _ = backbones._synthetic.features(zs, "test", (64, 128, 256)[t], 0, 120)
+        np.testing.assert_array_equal(got.x, x)
