@@ -98,6 +98,22 @@ def test_matrix_matches_the_composed_weights(dims):
         assert res.metrics["seq/top1/1/0"] == pytest.approx(pair.metrics["B/old/top1"])
 
 
+def test_with_pca_every_update_and_the_direct_adapter_are_the_pair_trials():
+    """Each model's preprocessing is fitted once and shared: the updates' and the direct adapter's
+    metrics and weights equal independent pair trials (each fits its own)."""
+    cfg = {"method": "lambda", "lam": 1.0, **FAST, "pca": 6}
+    data = _data((8, 10, 12))
+    res = run_sequence_trial(cfg, data, compose="direct")
+    for prefix, (old, new) in (("step1", (0, 1)), ("step2", (1, 2)), ("direct2-0", (0, 2))):
+        pair = run_trial(cfg, data.pair(old, new))
+        for key, value in pair.state.items():
+            torch.testing.assert_close(res.state[f"{prefix}.{key}"], value, rtol=0, atol=0)
+        if prefix.startswith("step"):
+            t = int(prefix[-1])
+            assert {k: res.metrics[K.step_key(t, k)] for k in pair.metrics if not k.startswith("time/")} == \
+                pytest.approx({k: v for k, v in pair.metrics.items() if not k.startswith("time/")}, nan_ok=True)
+
+
 def test_identity_adapters_give_the_raw_models_matrix():
     """fct's B is the identity: the matrix is the raw models' (equal dims, no cut)."""
     data = _data((8, 8, 8))

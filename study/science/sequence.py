@@ -43,6 +43,7 @@ from study.science.trial import (
     _np,
     _tensor,
     _zero_shot,
+    fit_preprocess,
     run_trial,
 )
 
@@ -128,13 +129,16 @@ class _Models:
 
     def __init__(self, cfg: TrialConfig, data: SequenceData, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        self.preps = [Preprocess(tr.x, normalize=cfg.normalize, center=cfg.center, pca=cfg.pca, seed=cfg.seed,
-                                 device=device) for tr in data.train]
+        self.preps = [fit_preprocess(cfg, tr.x, device) for tr in data.train]
         ev = [_tensor(e, p) for e, p in zip(data.eval, self.preps)]
         self.x = [x for x, _ in ev]
         self.y = ev[0][1].cpu().numpy()
         self.dims = [int(x.shape[1]) for x in self.x]
         self.on = _metrics_device(device)
+
+    def pair_preps(self, old: int, new: int) -> dict[str, Preprocess]:
+        """The fitted preprocessing of the update old -> new, for `run_trial` (each model's fitted once)."""
+        return {"old": self.preps[old], "new": self.preps[new]}
 
     def score(self, query: np.ndarray, gallery: np.ndarray) -> dict[str, float]:
         q, g = truncate_pair(query, gallery)
@@ -197,7 +201,7 @@ def run_sequence_trial(config: TrialConfig | Mapping[str, Any], data: SequenceDa
     curves: dict[str, list[float]] = {}
     steps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for t in range(1, data.t):
-        res = run_trial(cfg, data.pair(t - 1, t))
+        res = run_trial(cfg, data.pair(t - 1, t), preps=models.pair_preps(t - 1, t))
         out.update({K.step_key(t, k): v for k, v in res.metrics.items()})
         state.update({f"step{t}.{k}": v for k, v in res.state.items()})
         curves.update({K.step_key(t, k): v for k, v in res.curves.items()})
@@ -214,7 +218,7 @@ def run_sequence_trial(config: TrialConfig | Mapping[str, Any], data: SequenceDa
             if j == i - 1:
                 direct[(i, j)] = chain(i, j)
                 continue
-            res = run_trial(cfg, data.pair(j, i))
+            res = run_trial(cfg, data.pair(j, i), preps=models.pair_preps(j, i))
             state.update({f"direct{i}-{j}.{k}": v for k, v in res.state.items()})
             direct[(i, j)] = compose_maps([_step_map(res.state, dims[i])], [dims[i], dims[j]])
         out.update(_evaluate(models, data, direct, "direct"))

@@ -68,7 +68,7 @@ from study.science.preprocess import Preprocess, as_tensor, sample_rows
 from study.science.regularizers import build_regularizer
 from study.science.trainer import DivergedError, resolve_device, train
 
-__all__ = ["TrialData", "TrialResult", "run_trial", "normalize_rows", "load_adapters", "DivergedError",
+__all__ = ["TrialData", "TrialResult", "run_trial", "fit_preprocess", "normalize_rows", "load_adapters", "DivergedError",
            "save_checkpoint", "load_checkpoint"]
 
 NAN = float("nan")
@@ -340,17 +340,25 @@ def _backfill(cfg: TrialConfig, y: np.ndarray, query: np.ndarray, old_side: np.n
 
 
 # ---------------------------------------------------------------------------
+def fit_preprocess(cfg: TrialConfig, x: Any, device: torch.device) -> Preprocess:
+    """One model's preprocessing under `cfg`'s settings, fitted on its train rows `x`."""
+    return Preprocess(x, normalize=cfg.normalize, center=cfg.center, pca=cfg.pca, seed=cfg.seed, device=device)
+
+
 def run_trial(
     config: TrialConfig | Mapping[str, Any],
     data: TrialData,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    preps: Mapping[str, Preprocess] | None = None,
 ) -> TrialResult:
     """Train the method's adapters on `data`'s train split and evaluate everything.
 
     `on_epoch(epoch, metrics)` is called after each training epoch with the
     keys of `study.science.keys.EPOCH_KEYS` ("independent" trains nothing and calls it
-    never). Raises `DivergedError` when a loss becomes NaN/inf, `ValueError`
-    for a bad config or inconsistent data.
+    never). `preps`: the "old" and "new" models' preprocessing, already fitted on
+    their train splits with this config's settings (a sequence trial fits each
+    model's once); fitted here when None. Raises `DivergedError` when a loss
+    becomes NaN/inf, `ValueError` for a bad config or inconsistent data.
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
     spec = cfg.spec
@@ -358,8 +366,8 @@ def run_trial(
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     # each model's preprocessing, fitted on its train split and applied to all of its splits
-    preps = {side: Preprocess(getattr(data, f"{side}_train").x, normalize=cfg.normalize, center=cfg.center,
-                              pca=cfg.pca, seed=cfg.seed, device=device) for side in ("old", "new")}
+    if preps is None:
+        preps = {side: fit_preprocess(cfg, getattr(data, f"{side}_train").x, device) for side in ("old", "new")}
     old_tr = _TrainRows(data.old_train, preps["old"])
     new_tr = _TrainRows(data.new_train, preps["new"])
     d, n = old_tr.shape[1], new_tr.shape[1]
