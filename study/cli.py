@@ -85,10 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def default_optuna_storage(tracking_uri: str) -> str:
     """SQLite `optuna.db` beside the MLflow database of a sqlite tracking URI, else in the working folder."""
-    from urllib.parse import urlparse
-    parsed = urlparse(tracking_uri)
-    folder = Path("/" + parsed.path.lstrip("/")).parent if parsed.scheme == "sqlite" else Path.cwd()
-    return f"sqlite:///{folder / 'optuna.db'}"
+    from study.tracking import sqlite_path
+    db = sqlite_path(tracking_uri)
+    return f"sqlite:///{(Path.cwd() if db is None else db.parent) / 'optuna.db'}"
 
 
 def _check_optuna_storage(url: str) -> None:

@@ -48,6 +48,22 @@ def default_tracking_uri(workdir: str | Path = ".") -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The absolute database file of a SQLAlchemy `sqlite:///` URI (`sqlite:////abs/m.db` or the
+    relative `sqlite:///m.db`); None for any other scheme."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite":
+        return None
+    return Path(parsed.path[1:]).resolve()  # urlparse keeps the slash before the path: "//abs/m.db", "/m.db"
+
+
+def artifact_location(tracking_uri: str, study: str) -> str | None:
+    """A new experiment's artifact root: `mlartifacts/<study>` beside a SQLite database; None (the
+    server's own) for a tracking server."""
+    db = sqlite_path(tracking_uri)
+    return None if db is None else (db.parent / "mlartifacts" / study).as_uri()
+
+
 def _retry(fn: Callable[[], T], *, attempts: int = 8, base_delay: float = 0.1) -> T:
     """Run an MLflow call, retrying while SQLite reports it is busy."""
     for i in range(attempts):
@@ -99,8 +115,7 @@ class StudyTracker:
                     resp.read()
             except Exception as err:  # noqa: BLE001
                 raise TrackingError(f"MLflow tracking server {self.tracking_uri} is unreachable ({err}); start it or pass another --tracking-uri") from None
-        elif parsed.scheme == "sqlite":
-            db = Path(parsed.path)
+        elif (db := sqlite_path(self.tracking_uri)) is not None:
             if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
                 raise TrackingError(f"cannot write the MLflow database {db}: folder missing or not writable")
         else:
@@ -110,10 +125,7 @@ class StudyTracker:
         if self._experiment_id is None:
             exp = _retry(lambda: self.client.get_experiment_by_name(self.study))
             if exp is None:
-                location = None
-                parsed = urlparse(self.tracking_uri)
-                if parsed.scheme == "sqlite":
-                    location = (Path(parsed.path).parent / "mlartifacts" / self.study).as_uri()
+                location = artifact_location(self.tracking_uri, self.study)
                 # The kind tag makes the MLflow UI open on the runs table, not the GenAI overview.
                 self._experiment_id = _retry(lambda: self.client.create_experiment(
                     self.study, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}))

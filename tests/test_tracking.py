@@ -62,6 +62,9 @@ def test_record_trial_lifecycle_and_load_trial(tmp_path: Path) -> None:
     assert run.data.params["num_threads"] == "" and run.data.params["normalize"] == "true"
     assert set(TrialConfig.__dataclass_fields__) <= set(run.data.params)
 
+    # the checkpoint is a file beside the database (mlartifacts/<study>), not under another root
+    assert (tmp_path / "mlartifacts" / "rec" / run.info.run_id / "artifacts" / T.ADAPTERS_DIR / K.ADAPTERS_FILE).is_file()
+
     loaded, B, F = load_trial(run.info.run_id, uri)
     assert loaded == config
     x = torch.randn(3, 6)
@@ -90,3 +93,13 @@ def test_runner_modules_name_tags_only_through_tracking_constants() -> None:
         if path.name != "tracking.py":
             text = path.read_text()
             assert not [tag for tag in tags if f'"{tag}' in text or f"'{tag}" in text], path.name
+
+
+def test_sqlite_path_of_absolute_and_relative_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert T.sqlite_path(T.default_tracking_uri(tmp_path)) == tmp_path / "mlflow.db"
+    assert T.sqlite_path("sqlite:////abs/dir/m.db") == Path("/abs/dir/m.db")
+    assert T.sqlite_path("sqlite:///rel/m.db") == tmp_path / "rel" / "m.db"
+    assert T.sqlite_path("http://127.0.0.1:5000") is None
+    assert T.artifact_location("sqlite:////abs/dir/m.db", "s") == "file:///abs/dir/mlartifacts/s"
+    assert T.artifact_location("http://127.0.0.1:5000", "s") is None
