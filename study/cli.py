@@ -179,7 +179,7 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any, *
 
     from study import tracking as T
     from study import tune as st
-    from study.mlflow_view import VIEW_TAG, view_json, view_url
+    from study.mlflow_view import VIEW_TAG, study_view, view_json, view_url
     from study.report import build_report
 
     st.init_ray(args.address, args.num_cpus)
@@ -196,7 +196,7 @@ def run_study(spec: Any, args: argparse.Namespace, storage: str, tracker: Any, *
         tracker.write_json(counts, "features.json")
         exps = st.experiments(spec, optuna_storage)
         grid = [st.trial_tags(cfg) for exp in exps if not exp.table.searched for cfg in exp.table.base.values()]
-        tracker.set_experiment_tag(VIEW_TAG, view_json(grid))
+        tracker.set_experiment_tag(VIEW_TAG, view_json(grid, study_view([len(s.models) for s in spec.sequences])))
         print(f"[mlflow] study run {tracker.parent_run_id} at {tracker.tracking_uri}")
 
         total_failed, interrupted = 0, False

@@ -143,8 +143,8 @@ class StudySpec:
     sequences: tuple[ModelSequence, ...] = ()  # a sequence study (then `pairs` is empty)
     compose: str = "chain"  # sequences: "chain" or "direct" (study.science.keys.COMPOSE_MODES)
 
-    def zero_shot_for(self, pair: Pair) -> tuple[ZeroShotSet, ...]:
-        return pair.zero_shot_sets(self.zero_shot)
+    def zero_shot_for(self, cell: Pair | ModelSequence) -> tuple[ZeroShotSet, ...]:
+        return cell.zero_shot_sets(self.zero_shot)
 
     def cells(self) -> list[dict[str, Any]]:
         """The (pair or sequence, downstream set) combinations, each with its feature keys. A sequence's

@@ -9,8 +9,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_EXPERIMENT_TAG_VAL_LENGTH
 
 from study.science import keys as K
-from study.mlflow_view import (CELL_TAGS, COLUMNS, GROUP_TAGS, MAX_TAG_CHARS, VIEW_TAG, group_id, group_keys, view_json,
-                               view_state, view_url)
+from study.mlflow_view import (CELL_TAGS, GROUP_TAGS, MAX_TAG_CHARS, PAIR_VIEW, VIEW_TAG, group_id, group_keys,
+                               study_view, view_json, view_state, view_url)
 from study.space import load_space
 from study.tracking import StudyTracker
 from study.tune import trial_tags
@@ -48,15 +48,33 @@ def test_default_grid_collapses_into_one_row_per_pair_method_and_lambda() -> Non
     assert [k["groupByData"] for k in state["groupBy"]["groupByKeys"]] == ["method", "lambda", "pair"]
 
 
+def reported_keys(path: Path) -> set[str]:
+    """The metric keys every trial of the space reports (study.science.keys)."""
+    spec = load_space(path)
+    if not spec.sequences:
+        return set(K.final_keys(["photos"]))
+    return set.intersection(*(set(K.sequence_keys(len(s.models), [z.dataset for z in spec.zero_shot_for(s)],
+                                                  compose=spec.compose)) for s in spec.sequences))
+
+
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
 def test_view_names_metrics_every_trial_reports_and_fits_the_tag(path: Path) -> None:
-    reported = set(K.final_keys(["photos"]))
-    state = view_state(grid_tags(path))
+    spec = load_space(path)
+    metrics = study_view([len(s.models) for s in spec.sequences])
+    state = view_state(grid_tags(path), metrics=metrics)
     charted = {c.get("metricKey") for c in state["compareRunCharts"]} | {
         c[a]["key"] for c in state["compareRunCharts"] for a in ("xaxis", "yaxis") if a in c} | {
         m for c in state["compareRunCharts"] for m in c.get("selectedMetrics", [])}
-    assert charted - {None} == set(COLUMNS) <= reported
-    assert len(view_json(grid_tags(path))) <= MAX_TAG_CHARS == MAX_EXPERIMENT_TAG_VAL_LENGTH
+    shown = {c.removeprefix("metrics.`").removesuffix("`") for c in state["selectedColumns"]}
+    assert charted - {None} == shown == set(metrics[:3]) <= reported_keys(path)
+    assert (metrics == PAIR_VIEW) == (not spec.sequences)
+    assert len(view_json(grid_tags(path), metrics)) <= MAX_TAG_CHARS == MAX_EXPERIMENT_TAG_VAL_LENGTH
+
+
+def test_a_sequence_study_s_view_shows_the_map_every_trial_reports() -> None:
+    view = study_view([4, 3])
+    assert view[:3] == ("seq/AM/top1", "seq/zs/2/0/mean", "seq/orth/2/0")
+    assert "2 -> 0" in view.title and view_state(metrics=view)["orderByKey"] == "metrics.`seq/orth/2/0`"
 
 
 def test_groups_start_open_when_closing_them_would_overflow_the_tag() -> None:

@@ -3,6 +3,7 @@ the report's sequence table, and a driver killed after its first trial resuming 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from study.mlflow_view import VIEW_TAG
 from study.science import keys as K
 from study.report import build_report
 
@@ -83,6 +85,11 @@ def test_sequence_study_logs_matrices_reports_and_resumes(tmp_path: Path) -> Non
             for i, row in enumerate(rows):
                 for j in range(i + 1):
                     assert float(row[1 + j]) == pytest.approx(m[K.seq_matrix_key(stat, i, j)], abs=1e-4)
+    # the experiment's MLflow view shows sequence keys that every run holds (not the pair keys it lacks)
+    view = json.loads(client.get_experiment_by_name(SPACE["name"]).tags[VIEW_TAG])
+    shown = [c.removeprefix("metrics.`").removesuffix("`") for c in view["selectedColumns"]]
+    assert shown == ["seq/AM/top1", "seq/zs/2/0/mean", "seq/orth/2/0"]
+    assert all(set(shown) <= set(r.data.metrics) for r in runs)
     orth = next(r for r in runs if r.data.tags["method"] == "orthogonal").data.metrics
     assert orth[K.seq_orth_key(2, 0)] < 1e-3 and orth[K.seq_orth_key(2, 0, "direct")] < 1e-3   # semi-orthogonal
 
