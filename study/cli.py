@@ -250,7 +250,8 @@ def reconcile(results: Any, tracker: Any, table: Any) -> tuple[int, int]:
     failed = finished = 0
     for result in results:
         ray_id = (result.metrics or {}).get("trial_id")
-        key = table.key(result.config, ray_id) if ray_id else None
+        # no config: a trial Ctrl-C stopped before Ray saved its state; it resumes on the next run
+        key = table.key(result.config, ray_id) if ray_id and result.config is not None else None
         if result.error is not None:
             failed += 1
             if key:

@@ -134,3 +134,30 @@ def test_tracker_survives_pickling(tmp_path) -> None:
 def test_unsupported_tracking_uri(tmp_path, capsys, bad) -> None:
     code = _run(tmp_path, "--storage", str(tmp_path / "rr"), "--tracking-uri", bad)
     assert code == 2 and "--tracking-uri" in capsys.readouterr().err
+
+
+def test_reconcile_skips_a_trial_interrupted_before_ray_saved_its_config() -> None:
+    """Ctrl-C right after a trial starts: Ray's result has a trial id but no config (seen on CI)."""
+    from types import SimpleNamespace as NS
+
+    class Table:
+        searched = False
+
+        def key(self, config, ray_id):
+            return config["grid_key"]
+
+    class Tracker:
+        def __init__(self):
+            self.failed = []
+
+        def refresh(self):
+            pass
+
+        def fail_trial(self, key, error):
+            self.failed.append(key)
+
+    tracker = Tracker()
+    results = [NS(metrics={"trial_id": "a"}, config=None, error=None, checkpoint=None),
+               NS(metrics={"trial_id": "b"}, config={"grid_key": "k"}, error=RuntimeError("boom"), checkpoint=None)]
+    assert cli.reconcile(results, tracker, Table()) == (1, 0)
+    assert tracker.failed == ["k"]
