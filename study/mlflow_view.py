@@ -71,8 +71,8 @@ def view_state(trials: Sequence[Mapping[str, str]] = (), collapse: bool = True,
 
     `trials` are the tags of the trials known in advance (a grid): with `collapse` their
     groups start closed, one row of seed means each. `metrics`: what it shows (`study_view`).
-    Rows sort by D(W), so within a pair the groups run
-    orthogonal, small lambda, large lambda, affine."""
+    Rows sort by D(W), so within a pair the groups run orthogonal, small lambda, large
+    lambda, affine."""
     keys = group_keys(trials)
     b_old, zs, orth, title = metrics
     columns = [f"metrics.`{k}`" for k in (b_old, zs, orth)]

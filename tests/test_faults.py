@@ -141,8 +141,6 @@ def test_reconcile_skips_a_trial_interrupted_before_ray_saved_its_config() -> No
     from types import SimpleNamespace as NS
 
     class Table:
-        searched = False
-
         def key(self, config, ray_id):
             return config["grid_key"]
 

@@ -101,16 +101,17 @@ def test_a_sequence_trial_opens_every_model_s_splits_and_the_mapped_models_zero_
     monkeypatch.setattr(backbones, "open_features", lambda h: opened.append(h.path) or real(h))
     cfg = next(iter(st.experiments(spec)[0].table.base.values()))
     data = st.sequence_data(cfg, handles)
-    models, ds, zs = ["synthetic_64", "synthetic_128", "synthetic_256"], cfg["dataset"], "synthetic-c4-train10-test120"
+    dims = (64, 128, 256)
+    models, ds, zs = [f"synthetic_{d}" for d in dims], cfg["dataset"], "synthetic-c4-train10-test120"
     mine = [st.FeatureKey(m, ds, s) for m in models for s in ("train", "test")]
     mine += [st.FeatureKey(m, zs, "test") for m in models[1:]]  # model 0 is never mapped
     assert sorted(opened) == sorted(handles[str(k)].path for k in mine)
     assert data.t == 3 and list(data.zero_shot) == [zs]
-    for t, (model, dim) in enumerate(zip(models, (64, 128, 256))):
+    for t, dim in enumerate(dims):
         for split, got in (("train", data.train[t]), ("test", data.eval[t])):
             x, y = backbones._synthetic.features(ds, split, dim, 0, backbones._synthetic.params(ds)[split])
             np.testing.assert_array_equal(got.x, x)
             np.testing.assert_array_equal(got.y, y)
     for t, got in enumerate(data.zero_shot[zs], start=1):
-        x, _ = backbones._synthetic.features(zs, "test", (64, 128, 256)[t], 0, 120)
+        x, _ = backbones._synthetic.features(zs, "test", dims[t], 0, 120)
         np.testing.assert_array_equal(got.x, x)
